@@ -1,0 +1,29 @@
+"""KV-cache strategies behind one protocol, chosen by name.
+
+    import caches
+    caches.available()                     # ['concat', 'preallocated', ...]
+    cache = caches.make("preallocated", model, step=256)
+
+A new strategy subclasses `caches.Cache`, declares its `reference` and registers itself with
+`@caches.register("name")`; it then appears in the CLI, the benchmarks and the property test.
+"""
+
+from .attention import scaled_dot_product_attention
+from .base import Cache
+from .reference import EXACT, Reference
+from .registry import available, get, make, options_of, register
+
+# Built-in strategies register themselves on import.
+from . import concat, preallocated  # noqa: E402,F401
+
+__all__ = [
+    "Cache",
+    "Reference",
+    "EXACT",
+    "available",
+    "get",
+    "make",
+    "options_of",
+    "register",
+    "scaled_dot_product_attention",
+]

@@ -1,0 +1,27 @@
+"""kvzoo's model zoo: GPT-2 and Llama-style families composed from parts.
+
+    import zoo, caches
+    model = zoo.build("llama", preset="tiny", positional="alibi", n_kv_heads=1)
+    cache = caches.make("preallocated", model)
+    logits = model(tokens, cache)                     # [B, L, V]
+    for token, logprobs in zoo.generate_step(model, prompt, cache="concat"): ...
+"""
+
+from .config import ModelConfig
+from .model import CausalLM
+from .registry import available, build, from_config, make_config, presets, register_family
+
+from . import gpt2, llama  # noqa: E402,F401  (register the built-in families)
+from .generate import generate_step
+
+__all__ = [
+    "CausalLM",
+    "ModelConfig",
+    "available",
+    "build",
+    "from_config",
+    "generate_step",
+    "make_config",
+    "presets",
+    "register_family",
+]

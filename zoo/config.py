@@ -1,0 +1,95 @@
+"""Model configuration: one dataclass for every family, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Optional
+
+import positional
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of a decoder-only transformer.
+
+    `n_kv_heads` < `n_heads` gives grouped-query attention (1 gives multi-query).
+    `head_dim` defaults to d_model // n_heads. `max_positions` bounds learned positions only.
+    `rope_scale` multiplies positions (linear scaling: 1 / factor).
+    """
+
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    d_ff: Optional[int] = None
+    positional: str = "learned"
+    max_positions: int = 1024
+    rope_base: float = 10000.0
+    rope_traditional: bool = False
+    rope_scale: float = 1.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_positions"):
+            positive_int(name)
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        positive_int("n_kv_heads")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}): "
+                f"each key/value head serves n_heads // n_kv_heads query heads"
+            )
+        if self.head_dim is None:
+            if self.d_model % self.n_heads != 0:
+                raise ValueError(
+                    f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); "
+                    f"set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        positive_int("head_dim")
+        if self.d_ff is not None:
+            positive_int("d_ff")
+        positional.get(self.positional)  # unknown scheme -> ValueError listing the registered ones
+        if self.positional == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("norm_eps and init_std must be positive")
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def layout(self) -> str:
+        """'MHA', 'GQA' or 'MQA'."""
+        if self.n_kv_heads == self.n_heads:
+            return "MHA"
+        return "MQA" if self.n_kv_heads == 1 else "GQA"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with `changes` applied (and validated)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"unknown config field(s) {unknown}; fields: {field_names()}")
+        return replace(self, **changes)
+
+
+def field_names() -> str:
+    return ", ".join(f.name for f in fields(ModelConfig))

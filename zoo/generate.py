@@ -1,0 +1,126 @@
+"""The canonical generation loop: the same code drives every model, cache and sampler.
+
+Prefill the prompt through the cache in chunks, then feed one token at a time. While the
+current token is being evaluated, the graph for the next step is already being built
+(`mx.async_eval`), as in mlx-lm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+
+import caches
+from caches import Cache
+from sampling import Sampler, greedy_sample
+
+from .model import CausalLM
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V])
+CacheSpec = Union[str, Sequence[Cache], None]
+
+
+def make_cache(model: CausalLM, cache: CacheSpec = None, cache_options: Optional[dict] = None) -> list[Cache]:
+    """Resolve a cache spec: a registry name (with options), a prebuilt list, or None (default)."""
+    if cache is None:
+        cache = "preallocated"
+    if isinstance(cache, str):
+        return caches.make(cache, model, **(cache_options or {}))
+    if cache_options:
+        raise ValueError("cache_options only apply when cache is given by name")
+    cache = list(cache)
+    if len(cache) != len(model.layers) or not all(isinstance(c, Cache) for c in cache):
+        raise ValueError(
+            f"cache must be a registry name ({', '.join(caches.available())}) or a list of "
+            f"{len(model.layers)} Cache objects, one per layer"
+        )
+    return cache
+
+
+def prompt_array(model: CausalLM, prompt_tokens: Any) -> mx.array:
+    """Validate a prompt (non-empty, ids inside the vocabulary) and return it as int32 [L]."""
+    tokens = mx.array(prompt_tokens) if not isinstance(prompt_tokens, mx.array) else prompt_tokens
+    if tokens.ndim != 1:
+        raise ValueError(f"prompt_tokens must be a flat sequence of token ids, got shape {tokens.shape}")
+    if tokens.size == 0:
+        raise ValueError("prompt is empty: generation needs at least one token to condition on")
+    if not mx.issubdtype(tokens.dtype, mx.integer):
+        raise TypeError(f"prompt token ids must be integers, got {tokens.dtype}")
+    tokens = tokens.astype(mx.int32)
+    from .model import check_token_range
+
+    check_token_range(tokens, model.config.vocab_size)
+    return tokens
+
+
+def generate_step(
+    model: CausalLM,
+    prompt_tokens: Any,
+    *,
+    cache: CacheSpec = None,
+    cache_options: Optional[dict] = None,
+    sampler: Optional[Sampler] = None,
+    logits_processors: Optional[Sequence[LogitsProcessor]] = None,
+    max_tokens: int = 256,
+    prefill_step: int = 512,
+    vocab_size: Optional[int] = None,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs [V]) for each generated token.
+
+    cache: a registry name ("preallocated" by default, options in `cache_options`) or a list
+    of caches, one per layer; a list that already holds tokens continues from its offset.
+    sampler: log-probabilities [1, V] -> token [1]; greedy by default.
+    logits_processors: f(tokens so far, logits [1, V]) -> logits, applied in order.
+    prefill_step: prompt tokens per forward during prefill.
+    vocab_size: the tokenizer's vocabulary, if the embedding is padded past it; padding rows
+    are never sampled.
+    """
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+    if not isinstance(prefill_step, int) or prefill_step < 1:
+        raise ValueError(f"prefill_step must be an int >= 1, got {prefill_step!r}")
+    model_vocab = model.config.vocab_size
+    if vocab_size is not None and not 1 <= vocab_size <= model_vocab:
+        raise ValueError(f"vocab_size must be in [1, {model_vocab}] (the model's), got {vocab_size}")
+    prompt = prompt_array(model, prompt_tokens)
+    layer_caches = make_cache(model, cache, cache_options)
+    sampler = sampler or greedy_sample
+    processors = list(logits_processors or [])
+    padding = None
+    if vocab_size is not None and vocab_size < model_vocab:
+        padding = mx.where(mx.arange(model_vocab) < vocab_size, 0.0, -float("inf"))
+    history = prompt
+
+    def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history
+        logits = model(tokens[None], layer_caches, check_tokens=False)[:, -1, :]  # [1, V]
+        if padding is not None:
+            logits = logits + padding
+        if processors:
+            for process in processors:
+                logits = process(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        if processors:
+            history = mx.concatenate([history, token.astype(mx.int32)])
+        return token, logprobs[0]
+
+    # Prefill all but the last prompt token in chunks; the last one starts decoding.
+    while prompt.size > 1:
+        n = min(prefill_step, prompt.size - 1)
+        model(prompt[:n][None], layer_caches, check_tokens=False)
+        mx.eval([c.state for c in layer_caches])
+        prompt = prompt[n:]
+
+    if max_tokens == 0:
+        return
+    token, logprobs = step(prompt)
+    mx.async_eval(token, logprobs)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_token, next_logprobs = step(token)  # built while `token` is evaluated
+            mx.async_eval(next_token, next_logprobs)
+        yield token.item(), logprobs
+        if n + 1 < max_tokens:
+            token, logprobs = next_token, next_logprobs

@@ -1,0 +1,86 @@
+"""The top of every model: validate the input and compute positions once, from the cache.
+
+This is the only place positions are made. They come from the cache's offset (how many tokens
+came before), never from the shape of the current input, and flow down through `Context`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from caches import EXACT, Cache, Reference
+from positional import Positional
+
+from .attention import Context
+from .config import ModelConfig
+
+
+class CausalLM(nn.Module):
+    """Base class of the families: `model(tokens, cache=None)` -> logits [B, L, V].
+
+    Subclasses set `self.positional` and `self.layers` and implement `forward`.
+    """
+
+    config: ModelConfig
+    positional: Positional
+
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: Optional[Sequence[Cache]] = None,
+        *,
+        reference: Optional[Reference] = None,
+        check_tokens: bool = True,
+    ) -> mx.array:
+        """Logits [B, L, vocab_size] for int tokens [B, L].
+
+        With `cache` (one per layer, as from `caches.make`) the tokens continue the cached
+        sequence and the cache is updated in place. Without it, the forward is uncached from
+        position 0, and `reference` (a cache's declared `Reference`) makes it the oracle for
+        that cache. `check_tokens=False` skips the vocabulary range check, which forces an
+        evaluation; the generation loop uses it for tokens it sampled itself.
+        """
+        if not isinstance(tokens, mx.array):
+            raise TypeError(f"tokens must be an mx.array of int32 [B, L], got {type(tokens).__name__}")
+        if tokens.ndim != 2 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must have shape [B, L] with L >= 1, got {tokens.shape}")
+        if not mx.issubdtype(tokens.dtype, mx.integer):
+            raise TypeError(f"tokens must be integer token ids, got {tokens.dtype}")
+        if cache is not None:
+            if reference is not None:
+                raise ValueError("pass either a cache or a reference, not both: the reference "
+                                 "describes the uncached oracle; a cache carries its own")
+            if len(cache) != len(self.layers):
+                raise ValueError(
+                    f"cache has {len(cache)} entries but the model has {len(self.layers)} layers; "
+                    f"build it with caches.make(name, model)"
+                )
+        offset = cache[0].offset if cache else 0
+        length = tokens.shape[1]
+        self.positional.check_positions(offset, length)
+        if check_tokens:
+            check_token_range(tokens, self.config.vocab_size)
+        positions = mx.arange(offset, offset + length, dtype=mx.int32)  # the only arange of positions
+        ctx = Context(positions, self.positional, reference or EXACT)
+        return self.forward(tokens, ctx, cache or [None] * len(self.layers))
+
+    def forward(self, tokens: mx.array, ctx: Context, cache: Sequence[Optional[Cache]]) -> mx.array:
+        raise NotImplementedError
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters."""
+        from mlx.utils import tree_flatten
+
+        return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+
+def check_token_range(tokens: mx.array, vocab_size: int) -> None:
+    """Raise ValueError if any token id is outside [0, vocab_size)."""
+    low, high = mx.min(tokens).item(), mx.max(tokens).item()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside the vocabulary: ids must be in [0, {vocab_size})")

@@ -1,0 +1,83 @@
+"""Model families by name, their default configs and presets, and `build`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+
+from .config import ModelConfig, field_names
+from .init import init_weights
+
+_FAMILIES: dict[str, dict[str, Any]] = {}
+
+
+def register_family(
+    name: str, *, defaults: dict[str, Any], presets: Optional[dict[str, dict[str, Any]]] = None
+) -> Callable[[type], type]:
+    """Class decorator: make a CausalLM subclass buildable as `name`.
+
+    `defaults` fill config fields the caller leaves out; `presets` are named sets of overrides
+    (the first preset is the family's default shape).
+    """
+
+    def add(cls: type) -> type:
+        if name in _FAMILIES and _FAMILIES[name]["cls"].__qualname__ != cls.__qualname__:
+            raise ValueError(f"model family {name!r} is already registered")
+        cls.family = name
+        _FAMILIES[name] = {"cls": cls, "defaults": dict(defaults), "presets": dict(presets or {})}
+        return cls
+
+    return add
+
+
+def available() -> list[str]:
+    """Names of all registered model families."""
+    return sorted(_FAMILIES)
+
+
+def _family(name: str) -> dict[str, Any]:
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; registered families: {', '.join(available())}")
+    return _FAMILIES[name]
+
+
+def presets(family: str) -> list[str]:
+    """Preset names of a family."""
+    return list(_family(family)["presets"])
+
+
+def make_config(family: str, *, preset: Optional[str] = None, **overrides: Any) -> ModelConfig:
+    """The config of `family`: its defaults, then the preset, then `overrides`."""
+    entry = _family(family)
+    if preset is not None and preset not in entry["presets"]:
+        raise ValueError(
+            f"unknown preset {preset!r} for family {family!r}; presets: {', '.join(entry['presets'])}"
+        )
+    unknown = sorted(set(overrides) - set(field_names().split(", ")) - {"family"})
+    if unknown:
+        raise TypeError(f"unknown config field(s) {unknown}; fields: {field_names()}")
+    values = {**entry["defaults"], **entry["presets"].get(preset, {}), **overrides}
+    return ModelConfig(family=family, **values)
+
+
+def from_config(config: ModelConfig) -> Any:
+    """An uninitialised model of the family named in `config`."""
+    return _family(config.family)["cls"](config)
+
+
+def build(
+    family: str,
+    *,
+    preset: Optional[str] = None,
+    seed: int = 0,
+    dtype: mx.Dtype = mx.float32,
+    **overrides: Any,
+) -> Any:
+    """A randomly initialised model: `build("llama", preset="tiny", positional="alibi")`."""
+    model = from_config(make_config(family, preset=preset, **overrides))
+    init_weights(model, seed=seed, std=model.config.init_std)
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
