@@ -7,12 +7,18 @@
     for token, logprobs in zoo.generate_step(model, prompt, cache="concat"): ...
 """
 
-from .config import ModelConfig
-from .model import CausalLM
+# First, before anything imports mlx.core: load a fast BLAS for MLX's matmuls on Linux CPU
+# (KVZOO_BLAS=off to keep MLX's own; see zoo/blas.py). Must stay above every other import.
+from . import blas as _blas
+
+_blas.setup()
+
+from .config import ModelConfig  # noqa: E402
+from .model import CausalLM  # noqa: E402
 from .registry import available, build, from_config, make_config, presets, register_family
 
 from . import gpt2, llama  # noqa: E402,F401  (register the built-in families)
-from .generate import generate_step
+from .generate import generate_step  # noqa: E402
 
 __all__ = [
     "CausalLM",
