@@ -112,7 +112,7 @@ def format_table(rows: list[Row]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line) for line in lines]
-    return "\n".join(out)
+    return "\n".join(line.rstrip() for line in out)
 
 
 def _row_ok(row: Row) -> bool:
