@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 COMMANDS = {
     "check": "zoo.check",
     "info": "zoo.info",
+    "bench": "zoo.bench",
 }
 
 

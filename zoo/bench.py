@@ -1,0 +1,618 @@
+"""`kvzoo bench`: kvzoo against mlx-lm on the same weights, side by side in one run.
+
+For each model config (GPT-2 124M; a Llama-style GQA model of similar size; tiny presets with
+--quick) it builds one set of random weights, hands the same arrays to mlx-lm's own model class
+(`zoo.interop.to_mlx_lm`), and for every kvzoo cache that has an mlx-lm counterpart
+(`COUNTERPARTS`, only those registered) plus "none" (recompute the whole prefix every step):
+
+- prefill: time to the first token of a P-token prompt (all but the last token through the
+  cache, then the last one to logits; the same path both generation loops take), tokens/s;
+- decode: N greedy tokens through each library's own generation loop (`zoo.generate_step` and
+  `mlx_lm.generate.generate_step`, same sampler, same prompt), tokens/s;
+- a context sweep: decode tokens/s and cache bytes at contexts 128..4096 (caches filled with
+  random keys/values of the right shape: decode cost does not depend on their values).
+
+Runs alternate kvzoo and mlx-lm after a warm-up and report medians; every timing ends with an
+evaluation (MLX is lazy). Decode is also reported as a fraction of this machine's limit:
+measured memory read bandwidth / weight bytes read per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+
+import caches
+from sampling import greedy_sample
+
+from . import blas
+from .device import default_dtype, parse_dtype
+from .registry import build
+
+HELP = "time kvzoo against mlx-lm on identical weights, every cache, prefill/decode/context sweep"
+
+
+# -- what is compared -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counterpart:
+    """A kvzoo cache (name + options for a model config) and its mlx-lm twin (one per layer)."""
+
+    cache: str
+    options: Callable[[Any, "Settings"], dict]
+    mlx_lm: Callable[[Any, "Settings"], Any]
+    mlx_lm_name: str
+
+
+def _mlx_lm_cache(name: str) -> Callable[..., Any]:
+    from mlx_lm.models import cache as lm_cache
+
+    return getattr(lm_cache, name)
+
+
+def _group_size(cfg) -> int:
+    return 64 if cfg.head_dim % 64 == 0 else 32
+
+
+COUNTERPARTS: list[Counterpart] = [
+    Counterpart("concat", lambda cfg, s: {},
+                lambda cfg, s: _mlx_lm_cache("ConcatenateKVCache")(), "ConcatenateKVCache"),
+    Counterpart("preallocated", lambda cfg, s: {},
+                lambda cfg, s: _mlx_lm_cache("KVCache")(), "KVCache"),
+    Counterpart("rotating", lambda cfg, s: {"max_size": s.window, "keep": 4},
+                lambda cfg, s: _mlx_lm_cache("RotatingKVCache")(max_size=s.window, keep=4),
+                "RotatingKVCache"),
+    Counterpart("quantized", lambda cfg, s: {"bits": 4, "group_size": _group_size(cfg)},
+                lambda cfg, s: _mlx_lm_cache("QuantizedKVCache")(group_size=_group_size(cfg), bits=4),
+                "QuantizedKVCache"),
+]
+"""kvzoo cache <-> mlx-lm cache. An entry is used only if its kvzoo cache is registered."""
+
+NO_CACHE = "none"  # recompute the whole prefix at every step
+
+CONFIGS = {
+    # name: (family, full preset, quick preset, quick overrides: mlx-lm's GPT-2 needs
+    # head_dim * n_heads == d_model and d_ff == 4 * d_model)
+    "gpt2": ("gpt2", "124m", "tiny", {"head_dim": 16, "d_ff": 256}),
+    "llama": ("llama", "small", "tiny", {}),
+}
+
+
+@dataclass
+class Settings:
+    prompt: int = 512
+    decode: int = 256
+    repeats: int = 3
+    contexts: tuple = (128, 256, 512, 1024, 2048, 4096)
+    sweep_decode: int = 32
+    sweep_repeats: int = 3
+    none_decode: int = 3  # recompute steps per run: each one is a full forward of the prefix
+    none_max_context: int = 1024
+    window: int = 512  # rotating cache size
+    quick: bool = False
+    dtype: str = "float32"
+    seed: int = 0
+
+    @classmethod
+    def for_mode(cls, quick: bool, smoke: bool) -> "Settings":
+        if smoke:  # the test suite's run: every code path, seconds
+            return cls(prompt=16, decode=4, repeats=1, contexts=(16, 32), sweep_decode=2,
+                       sweep_repeats=1, none_decode=1, none_max_context=32, window=16, quick=True)
+        if quick:
+            return cls(prompt=128, decode=128, repeats=5, contexts=(64, 128, 256, 512, 1024),
+                       sweep_decode=32, sweep_repeats=3, none_decode=4, none_max_context=512,
+                       window=64, quick=True)
+        return cls()
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+class Progress:
+    """A one-line progress bar on stderr (one line per step when stderr is not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def step(self, label: str, n: int = 1) -> None:
+        self.done = min(self.done + n, self.total)
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / self.total)
+        elapsed = time.perf_counter() - self.start
+        bar = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {elapsed:5.0f}s {label}"
+        if self.tty:
+            sys.stderr.write("\r" + bar[:120].ljust(120))
+        else:
+            sys.stderr.write(bar + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+@dataclass
+class Side:
+    """One library's way to run the shared weights: model, cache factory, generation loop."""
+
+    name: str
+    model: Any
+    make_cache: Callable[[], Optional[list]]  # None: no cache
+    forward: Callable[[mx.array, Optional[list]], mx.array]  # tokens [1, L] -> logits [1, L, V]
+    generate: Callable[[mx.array, list, int], Any]  # (prompt, cache, max_tokens) -> token iterator
+
+
+def kvzoo_side(model, cache_name: str, options: dict) -> Side:
+    from .generate import generate_step
+
+    def make():
+        return None if cache_name == NO_CACHE else caches.make(cache_name, model, **options)
+
+    return Side(
+        "kvzoo", model, make,
+        lambda tokens, cache: model(tokens, cache, check_tokens=False),
+        lambda prompt, cache, n: (t for t, _ in generate_step(
+            model, prompt, cache=cache, max_tokens=n, sampler=greedy_sample)),
+    )
+
+
+def mlx_lm_side(twin, factory: Optional[Callable[[], Any]]) -> Side:
+    from mlx_lm.generate import generate_step
+
+    def make():
+        return None if factory is None else [factory() for _ in twin.layers]
+
+    return Side(
+        "mlx-lm", twin, make,
+        lambda tokens, cache: twin(tokens, cache=cache),
+        lambda prompt, cache, n: (t for t, _ in generate_step(
+            prompt, twin, prompt_cache=cache, max_tokens=n, sampler=greedy_sample)),
+    )
+
+
+def _cache_state(cache: Optional[list]) -> list:
+    return [] if cache is None else [c.state for c in cache]
+
+
+def time_prefill(side: Side, prompt: mx.array) -> float:
+    """Seconds to the first token's logits for `prompt` [P], from an empty cache.
+
+    With a cache: all but the last token through it (evaluating the cache), then the last token
+    to logits, as both generation loops do. Without one: one forward of the whole prompt.
+    """
+    cache = side.make_cache()
+    mx.eval(prompt)
+    start = time.perf_counter()
+    if cache is None:
+        logits = side.forward(prompt[None], None)[:, -1, :]
+    else:
+        if prompt.size > 1:
+            side.forward(prompt[None, :-1], cache)
+            mx.eval(_cache_state(cache))
+        logits = side.forward(prompt[None, -1:], cache)[:, -1, :]
+    mx.eval(mx.argmax(logits, axis=-1), _cache_state(cache))
+    return time.perf_counter() - start
+
+
+def time_decode(side: Side, prompt: mx.array, n: int, cache: Optional[list] = None) -> float:
+    """Seconds per token for `n` greedy tokens after the first (which includes the prefill).
+
+    With a cache, through the library's own generation loop; `cache` may arrive already holding
+    tokens (the context sweep), the prompt then continues it. Without a cache, every step
+    recomputes the whole prefix (same loop shape on both sides).
+    """
+    if cache is None:
+        cache = side.make_cache()
+    if cache is None:
+        return _time_recompute(side, prompt, n)
+    tokens = side.generate(prompt, cache, n + 1)
+    next(tokens)  # prefill + first token: not decode
+    start = time.perf_counter()
+    count = sum(1 for _ in tokens)  # each token is .item()-ed by the loop: evaluated
+    assert count == n, (count, n)
+    return (time.perf_counter() - start) / n
+
+
+def _time_recompute(side: Side, prompt: mx.array, n: int) -> float:
+    tokens = prompt
+    next_token = mx.argmax(side.forward(tokens[None], None)[:, -1, :], axis=-1)
+    mx.eval(next_token)
+    start = time.perf_counter()
+    for _ in range(n):
+        tokens = mx.concatenate([tokens, next_token.astype(tokens.dtype)])
+        next_token = mx.argmax(side.forward(tokens[None], None)[:, -1, :], axis=-1)
+        mx.eval(next_token)
+    return (time.perf_counter() - start) / n
+
+
+def alternate(runs: int, measure: dict[str, Callable[[], float]], progress: Progress, label: str
+              ) -> dict[str, list[float]]:
+    """Call each measurement once as a warm-up, then `runs` times, alternating; seconds."""
+    for fn in measure.values():
+        fn()
+    out: dict[str, list[float]] = {name: [] for name in measure}
+    for _ in range(runs):
+        for name, fn in measure.items():
+            out[name].append(fn())
+            mx.clear_cache()
+        progress.step(label)
+    return out
+
+
+# -- machine limits -------------------------------------------------------------------------
+
+
+def memory_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
+    """Memory read bandwidth in GB/s: the best of summing a large array with numpy (SIMD, one
+    thread; the number a decode kernel could reach) and with MLX (what MLX's CPU reduction gets).
+    """
+    import numpy as np
+
+    host = np.ones(nbytes // 4, dtype=np.float32)
+    device = mx.ones((nbytes // 4,), dtype=mx.float32)
+    mx.eval(device)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return nbytes / min(times) / 1e9
+
+    result = {"numpy_sum_gbs": best(lambda: host.sum()),
+              "mlx_sum_gbs": best(lambda: mx.eval(device.sum()))}
+    result["bandwidth_gbs"] = max(result.values())
+    return result
+
+
+def weight_bytes_per_token(model) -> int:
+    """Parameter bytes a decode step reads: everything but the rows of lookup tables it skips
+    (the learned position table; the input embedding when it is not also the output head)."""
+    from mlx.utils import tree_flatten
+
+    total = 0
+    for name, value in tree_flatten(model.parameters()):
+        lookup_only = name.endswith("wpe.weight") or name.endswith("embed_positions.weight")
+        if not model.config.tie_embeddings and ("wte" in name or "embed_tokens" in name):
+            lookup_only = True
+        total += value.size * value.itemsize // (value.shape[0] if lookup_only else 1)
+    return total
+
+
+# -- one model config -----------------------------------------------------------------------
+
+
+def _counterparts(selected: Optional[list[str]]) -> list[Counterpart]:
+    registered = set(caches.available())
+    table = [c for c in COUNTERPARTS if c.cache in registered]
+    known = [c.cache for c in table] + [NO_CACHE]
+    if selected is None:
+        return table
+    unknown = [name for name in selected if name not in known]
+    if unknown:
+        raise ValueError(f"unknown cache(s) {unknown} for the benchmark; choose from: {', '.join(known)}")
+    return [c for c in table if c.cache in selected]
+
+
+def _build_models(config: str, settings: Settings):
+    from .interop import to_mlx_lm
+
+    family, preset, quick_preset, quick_overrides = CONFIGS[config]
+    overrides = dict(quick_overrides) if settings.quick else {}
+    longest = max(settings.contexts + (settings.prompt,)) + max(settings.decode, settings.sweep_decode) + 2
+    if family == "gpt2":  # learned positions: a table long enough for the sweep
+        overrides["max_positions"] = max(1024, longest)
+    elif settings.quick:
+        overrides["max_positions"] = max(256, longest)
+    model = build(family, preset=quick_preset if settings.quick else preset, seed=settings.seed,
+                  dtype=parse_dtype(settings.dtype), **overrides)
+    return model, to_mlx_lm(model)
+
+
+def _random_tokens(n: int, vocab: int, seed: int) -> mx.array:
+    return mx.random.randint(0, vocab, (n,), key=mx.random.key(seed)).astype(mx.int32)
+
+
+def bench_config(config: str, settings: Settings, selected: Optional[list[str]], limit_gbs: float,
+                 progress: Progress) -> dict[str, Any]:
+    model, twin = _build_models(config, settings)
+    cfg = model.config
+    prompt = _random_tokens(settings.prompt, cfg.vocab_size, settings.seed + 1)
+    weight_bytes = weight_bytes_per_token(model)
+    limit = limit_gbs * 1e9 / weight_bytes
+    rows = []
+    entries = [(c.cache, c.options(cfg, settings), c.mlx_lm_name,
+                lambda c=c: c.mlx_lm(cfg, settings)) for c in _counterparts(selected)]
+    if selected is None or NO_CACHE in selected:
+        entries.append((NO_CACHE, {}, "no cache", None))
+    for name, options, lm_name, factory in entries:
+        ours, theirs = kvzoo_side(model, name, options), mlx_lm_side(twin, factory)
+        label = f"{config} {name}"
+        prefill = alternate(settings.repeats, {
+            "kvzoo": lambda: time_prefill(ours, prompt),
+            "mlx_lm": lambda: time_prefill(theirs, prompt)}, progress, label + " prefill")
+        n = settings.none_decode if name == NO_CACHE else settings.decode
+        decode = alternate(settings.repeats, {
+            "kvzoo": lambda: time_decode(ours, prompt, n),
+            "mlx_lm": lambda: time_decode(theirs, prompt, n)}, progress, label + " decode")
+        rows.append({
+            "cache": name, "options": options, "mlx_lm": lm_name,
+            "prefill": _rates(prefill, settings.prompt),
+            "decode": {**_rates(decode, 1), "tokens": n,
+                       "fraction_of_limit": {side: _median([1 / s for s in runs]) / limit
+                                             for side, runs in decode.items()}},
+        })
+    sweep = sweep_contexts(model, twin, entries, settings, progress, config)
+    return {
+        "family": cfg.family, "config": cfg.to_dict(), "params": model.n_params,
+        "weight_bytes_per_token": weight_bytes, "limit_tokens_per_s": limit,
+        "results": rows, "sweep": sweep,
+    }
+
+
+def _rates(runs: dict[str, list[float]], tokens: int) -> dict[str, Any]:
+    """Median tokens/s per side and the kvzoo/mlx-lm ratio, from seconds per run."""
+    rates = {side: [tokens / s for s in seconds] for side, seconds in runs.items()}
+    medians = {side: _median(r) for side, r in rates.items()}
+    return {"tokens_per_s": medians, "runs_tokens_per_s": rates,
+            "ratio": medians["kvzoo"] / medians["mlx_lm"]}
+
+
+def _fill(cache: list, keys: mx.array, values: mx.array, chunk: int) -> None:
+    """Write keys/values [1, Hkv, context, D] into each layer's cache, `chunk` tokens at a time."""
+    for layer in cache:
+        for start in range(0, keys.shape[2], chunk):
+            layer.update_and_fetch(keys[..., start:start + chunk, :], values[..., start:start + chunk, :])
+    mx.eval(_cache_state(cache))
+
+
+def sweep_contexts(model, twin, entries, settings: Settings, progress: Progress, config: str) -> list:
+    """Decode tokens/s and cache bytes at each context, kvzoo and mlx-lm side by side."""
+    cfg = model.config
+    dtype = _first_dtype(model)
+    out = []
+    last = _random_tokens(1, cfg.vocab_size, settings.seed + 2)
+    for name, options, lm_name, factory in entries:
+        ours, theirs = kvzoo_side(model, name, options), mlx_lm_side(twin, factory)
+        for context in settings.contexts:
+            label = f"{config} sweep {name} @{context}"
+            if name == NO_CACHE:
+                if context > settings.none_max_context:
+                    progress.step(label + " (skipped)", settings.sweep_repeats)
+                    continue
+                prefix = _random_tokens(context, cfg.vocab_size, settings.seed + 3)
+                runs = alternate(settings.sweep_repeats, {
+                    "kvzoo": lambda: time_decode(ours, prefix, settings.none_decode),
+                    "mlx_lm": lambda: time_decode(theirs, prefix, settings.none_decode)},
+                    progress, label)
+                nbytes = {"kvzoo": 0, "mlx_lm": 0}
+            else:
+                chunk = min(512, settings.window) if name == "rotating" else 512
+                shape = (1, cfg.n_kv_heads, context, cfg.head_dim)
+                keys = mx.random.normal(shape, key=mx.random.key(context)).astype(dtype)
+                values = mx.random.normal(shape, key=mx.random.key(context + 1)).astype(dtype)
+                mx.eval(keys, values)
+                filled: dict[str, list] = {}
+
+                def run(side: Side, key: str) -> float:
+                    cache = side.make_cache()
+                    _fill(cache, keys, values, chunk)
+                    seconds = time_decode(side, last, settings.sweep_decode, cache)
+                    filled[key] = cache
+                    return seconds
+
+                runs = alternate(settings.sweep_repeats, {
+                    "kvzoo": lambda: run(ours, "kvzoo"), "mlx_lm": lambda: run(theirs, "mlx_lm")},
+                    progress, label)
+                nbytes = {key: sum(c.nbytes for c in cache) for key, cache in filled.items()}
+                filled.clear()
+            rates = _rates(runs, 1)
+            out.append({"cache": name, "context": context, "tokens_per_s": rates["tokens_per_s"],
+                        "ratio": rates["ratio"], "nbytes": nbytes})
+    return out
+
+
+def _first_dtype(model) -> mx.Dtype:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())[0][1].dtype
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny presets, short prompt and sweep (about a minute)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write bench.json (and bench.png with matplotlib) into this folder")
+    parser.add_argument("--configs", default="gpt2,llama",
+                        help=f"comma-separated model configs: {', '.join(CONFIGS)}")
+    parser.add_argument("--caches", default=None,
+                        help="comma-separated caches (default: every registered cache with an "
+                             f"mlx-lm counterpart, and {NO_CACHE!r})")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (the device default, float32 on CPU), float32, float16, bfloat16")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (median)")
+    parser.add_argument("--contexts", default=None, help="comma-separated sweep contexts")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: seconds
+
+
+def _csv(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError("expected a comma-separated list, got an empty one")
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.for_mode(args.quick, getattr(args, "smoke", False))
+    settings.dtype = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[
+        parse_dtype(args.dtype)]
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        settings.repeats = settings.sweep_repeats = args.repeats
+    if args.contexts is not None:
+        try:
+            settings.contexts = tuple(int(c) for c in _csv(args.contexts))
+        except ValueError:
+            raise ValueError(f"--contexts must be comma-separated ints, got {args.contexts!r}") from None
+        if min(settings.contexts) < 1:
+            raise ValueError("--contexts must be positive")
+    configs = _csv(args.configs)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown config(s) {unknown}; choose from: {', '.join(CONFIGS)}")
+    selected = _csv(args.caches)
+    entries = len(_counterparts(selected)) + (1 if selected is None or NO_CACHE in selected else 0)
+    per_config = entries * (2 * settings.repeats + len(settings.contexts) * settings.sweep_repeats)
+    progress = Progress(per_config * len(configs), enabled=not args.no_progress)
+
+    from .info import collect
+
+    report: dict[str, Any] = {
+        "machine": collect(measure=True),
+        "settings": settings.__dict__ | {"contexts": list(settings.contexts)},
+        "default_dtype": str(default_dtype()),
+        "loadavg_start": list(os.getloadavg()),
+        "bandwidth": memory_bandwidth(),
+        "configs": {},
+    }
+    started = time.perf_counter()
+    try:
+        for config in configs:
+            report["configs"][config] = bench_config(
+                config, settings, selected, report["bandwidth"]["bandwidth_gbs"], progress)
+    finally:
+        progress.close()
+    report["loadavg_end"] = list(os.getloadavg())
+    report["seconds"] = time.perf_counter() - started
+    print(format_report(report))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(report, indent=2, default=str))
+        written = plot(report, args.out / "bench.png")
+        print(f"\nwrote {args.out / 'bench.json'}" + (f" and {written}" if written else
+              " (no plot: pip install 'kvzoo[bench]' for matplotlib)"))
+    return 0
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def format_report(report: dict[str, Any]) -> str:
+    b = report["machine"]["blas"]
+    s = report["settings"]
+    bw = report["bandwidth"]
+    lines = [
+        f"BLAS: {b['summary']}",
+        f"      libmlx's cblas_sgemm -> {b['bound'] or 'unknown'}; fp32 {b['n']}^3 matmul "
+        f"{b['mlx_sgemm_gflops']:.0f} GFLOP/s",
+        f"memory read bandwidth {bw['bandwidth_gbs']:.1f} GB/s (numpy sum {bw['numpy_sum_gbs']:.1f}, "
+        f"MLX sum {bw['mlx_sum_gbs']:.1f}); load average {report['loadavg_start'][0]:.2f} at start",
+        f"dtype {s['dtype']}; prompt {s['prompt']}, decode {s['decode']} tokens; median of "
+        f"{s['repeats']} alternating runs after a warm-up; ratio = kvzoo / mlx-lm (>1: kvzoo faster)",
+    ]
+    for config, result in report["configs"].items():
+        lines += ["", f"{config}: {result['params'] / 1e6:.1f}M params, "
+                  f"{result['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token -> "
+                  f"limit {result['limit_tokens_per_s']:.1f} tokens/s",
+                  f"{'cache':<14}{'mlx-lm':<20}{'prefill tok/s':>22}{'ratio':>7}"
+                  f"{'decode tok/s':>22}{'ratio':>7}{'of limit':>14}"]
+        for row in result["results"]:
+            p, d = row["prefill"], row["decode"]
+            frac = d["fraction_of_limit"]
+            lines.append(
+                f"{row['cache']:<14}{row['mlx_lm']:<20}"
+                f"{p['tokens_per_s']['kvzoo']:>10.1f} /{p['tokens_per_s']['mlx_lm']:>9.1f}{p['ratio']:>7.2f}"
+                f"{d['tokens_per_s']['kvzoo']:>10.2f} /{d['tokens_per_s']['mlx_lm']:>9.2f}{d['ratio']:>7.2f}"
+                f"{frac['kvzoo']:>7.0%} /{frac['mlx_lm']:>5.0%}")
+        lines.append(f"context sweep: decode tok/s kvzoo / mlx-lm (ratio), cache MB kvzoo / mlx-lm")
+        contexts = sorted({p["context"] for p in result["sweep"]})
+        lines.append(f"{'cache':<14}" + "".join(f"{c:>26}" for c in contexts))
+        for name in dict.fromkeys(p["cache"] for p in result["sweep"]):
+            points = {p["context"]: p for p in result["sweep"] if p["cache"] == name}
+            speed, size = f"{name:<14}", f"{'':<14}"
+            for c in contexts:
+                p = points.get(c)
+                if p is None:
+                    speed += f"{'-':>26}"
+                    size += f"{'':>26}"
+                    continue
+                t = p["tokens_per_s"]
+                speed += f"{t['kvzoo']:>9.1f} /{t['mlx_lm']:>7.1f} ({p['ratio']:.2f})"
+                mb = p["nbytes"]
+                size += f"{mb['kvzoo'] / 1e6:>14.1f} /{mb['mlx_lm'] / 1e6:>7.1f} MB  "
+            lines += [speed, size]
+    lines.append(f"\n{report['seconds']:.0f}s; load average {report['loadavg_end'][0]:.2f} at the end")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
+    """Decode tokens/s and cache bytes against context, per config; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    configs = list(report["configs"])
+    fig, axes = plt.subplots(2, len(configs), figsize=(6 * len(configs), 8), squeeze=False)
+    for column, config in enumerate(configs):
+        sweep = report["configs"][config]["sweep"]
+        speed, size = axes[0][column], axes[1][column]
+        for index, name in enumerate(dict.fromkeys(p["cache"] for p in sweep)):
+            points = sorted((p for p in sweep if p["cache"] == name), key=lambda p: p["context"])
+            x = [p["context"] for p in points]
+            color = f"C{index}"
+            speed.plot(x, [p["tokens_per_s"]["kvzoo"] for p in points], "-o", color=color,
+                       label=f"{name} kvzoo")
+            speed.plot(x, [p["tokens_per_s"]["mlx_lm"] for p in points], "--x", color=color,
+                       label=f"{name} mlx-lm")
+            if name != NO_CACHE:
+                size.plot(x, [p["nbytes"]["kvzoo"] / 1e6 for p in points], "-o", color=color,
+                          label=f"{name} kvzoo")
+                size.plot(x, [p["nbytes"]["mlx_lm"] / 1e6 for p in points], "--x", color=color,
+                          label=f"{name} mlx-lm")
+        for ax in (speed, size):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.grid(True, alpha=0.3)
+        speed.set_yscale("log")
+        speed.set_title(f"{config}: decode tokens/s")
+        size.set_title(f"{config}: cache MB")
+        speed.legend(fontsize=7)
+        size.legend(fontsize=7)
+    fig.suptitle(f"kvzoo vs mlx-lm ({report['settings']['dtype']}); BLAS: "
+                 f"{'fast' if report['machine']['blas']['fast'] else 'bundled'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
