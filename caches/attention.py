@@ -37,10 +37,11 @@ def scaled_dot_product_attention(
     """
     if k_positions is None:
         if reference.causal and bias is None:
-            mask = "causal" if queries.shape[-2] > 1 else None
-            return mx.fast.scaled_dot_product_attention(
-                queries, keys, values, scale=scale, mask=mask
-            )
+            if queries.shape[-2] > 1:
+                return mx.fast.scaled_dot_product_attention(
+                    queries, keys, values, scale=scale, mask="causal"
+                )
+            return _fast_sdpa(queries, keys, values, scale, None)  # one query sees every key
         k_positions = mx.arange(keys.shape[-2], dtype=mx.int32)
     mask = reference.mask(q_positions, k_positions)  # bool [Lq, Lk] or [B, Lq, Lk]
     if mask.ndim == 3:
@@ -50,4 +51,28 @@ def scaled_dot_product_attention(
         if additive is not None:
             floor = mx.array(-float("inf"), dtype=queries.dtype)
             mask = mx.where(mask, additive.astype(queries.dtype), floor)
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    return _fast_sdpa(queries, keys, values, scale, mask)
+
+
+def _fast_sdpa(queries, keys, values, scale, mask):
+    """mx.fast.scaled_dot_product_attention, with grouped query heads folded into rows for a
+    single query on the CPU.
+
+    MLX's CPU backend has no fused attention kernel. Its fallback serves grouped-query attention
+    by broadcasting each key/value head against its n_rep query heads: n_rep * Hkv matrix
+    products of one row each. With one query per head, the n_rep heads that share a key/value
+    head are simply n_rep rows of one product ([B, Hkv, n_rep, D] @ keys^T), which is the same
+    arithmetic in Hkv larger products: 1.5-2x faster attention at long context (measured in
+    docs/performance.md). GPUs have fused kernels that handle groups themselves: left alone.
+    """
+    B, Hq, Lq, _ = queries.shape
+    Hkv = keys.shape[1]
+    if Lq != 1 or Hq == Hkv or mx.default_device() != mx.cpu:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    n_rep = Hq // Hkv
+    queries = queries.reshape(B, Hkv, n_rep, queries.shape[-1])  # [B, Hkv, n_rep, D]: rows
+    if mask is not None and mask.ndim >= 3 and mask.shape[-3] == Hq:  # per-head bias [..., Hq, 1, Lk]
+        mask = mask.reshape(*mask.shape[:-3], Hkv, n_rep, mask.shape[-1])  # [..., Hkv, n_rep, Lk]
+    # A mask [..., 1, Lk] shared by the heads broadcasts over the n_rep rows unchanged.
+    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    return out.reshape(B, Hq, 1, out.shape[-1])  # [B, Hkv, n_rep, Dv] -> [B, Hq, 1, Dv]

@@ -160,6 +160,7 @@ class Side:
     make_cache: Callable[[], Optional[list]]  # None: no cache
     forward: Callable[[mx.array, Optional[list]], mx.array]  # tokens [1, L] -> logits [1, L, V]
     generate: Callable[[mx.array, list, int], Any]  # (prompt, cache, max_tokens) -> token iterator
+    synchronize: Callable[[], None] = mx.synchronize  # wait for work the loop left in flight
 
 
 def kvzoo_side(model, cache_name: str, options: dict) -> Side:
@@ -177,7 +178,7 @@ def kvzoo_side(model, cache_name: str, options: dict) -> Side:
 
 
 def mlx_lm_side(twin, factory: Optional[Callable[[], Any]]) -> Side:
-    from mlx_lm.generate import generate_step
+    from mlx_lm.generate import generate_step, generation_stream
 
     def make():
         return None if factory is None else [factory() for _ in twin.layers]
@@ -187,6 +188,7 @@ def mlx_lm_side(twin, factory: Optional[Callable[[], Any]]) -> Side:
         lambda tokens, cache: twin(tokens, cache=cache),
         lambda prompt, cache, n: (t for t, _ in generate_step(
             prompt, twin, prompt_cache=cache, max_tokens=n, sampler=greedy_sample)),
+        lambda: mx.synchronize(generation_stream),  # mlx-lm decodes on its own stream
     )
 
 
@@ -229,8 +231,10 @@ def time_decode(side: Side, prompt: mx.array, n: int, cache: Optional[list] = No
     next(tokens)  # prefill + first token: not decode
     start = time.perf_counter()
     count = sum(1 for _ in tokens)  # each token is .item()-ed by the loop: evaluated
+    seconds = time.perf_counter() - start
     assert count == n, (count, n)
-    return (time.perf_counter() - start) / n
+    side.synchronize()  # mlx-lm's loop leaves one step in flight: finish it before the next run
+    return seconds / n
 
 
 def _time_recompute(side: Side, prompt: mx.array, n: int) -> float:
@@ -245,10 +249,11 @@ def _time_recompute(side: Side, prompt: mx.array, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def alternate(runs: int, measure: dict[str, Callable[[], float]], progress: Progress, label: str
-              ) -> dict[str, list[float]]:
-    """Call each measurement once as a warm-up, then `runs` times, alternating; seconds."""
-    for fn in measure.values():
+def alternate(runs: int, measure: dict[str, Callable[[], float]], progress: Progress, label: str,
+              warmup: Optional[dict[str, Callable[[], Any]]] = None) -> dict[str, list[float]]:
+    """Warm up each side (`warmup`, or one measurement), then measure `runs` times alternating
+    kvzoo and mlx-lm; seconds per call."""
+    for fn in (warmup or measure).values():
         fn()
     out: dict[str, list[float]] = {name: [] for name in measure}
     for _ in range(runs):
@@ -354,9 +359,12 @@ def bench_config(config: str, settings: Settings, selected: Optional[list[str]],
             "kvzoo": lambda: time_prefill(ours, prompt),
             "mlx_lm": lambda: time_prefill(theirs, prompt)}, progress, label + " prefill")
         n = settings.none_decode if name == NO_CACHE else settings.decode
+        warm = min(n, 8)  # compiles and allocates what decode needs; the long runs are timed
         decode = alternate(settings.repeats, {
             "kvzoo": lambda: time_decode(ours, prompt, n),
-            "mlx_lm": lambda: time_decode(theirs, prompt, n)}, progress, label + " decode")
+            "mlx_lm": lambda: time_decode(theirs, prompt, n)}, progress, label + " decode",
+            warmup={"kvzoo": lambda: time_decode(ours, prompt, warm),
+                    "mlx_lm": lambda: time_decode(theirs, prompt, warm)})
         rows.append({
             "cache": name, "options": options, "mlx_lm": lm_name,
             "prefill": _rates(prefill, settings.prompt),
@@ -414,20 +422,18 @@ def sweep_contexts(model, twin, entries, settings: Settings, progress: Progress,
                 keys = mx.random.normal(shape, key=mx.random.key(context)).astype(dtype)
                 values = mx.random.normal(shape, key=mx.random.key(context + 1)).astype(dtype)
                 mx.eval(keys, values)
-                filled: dict[str, list] = {}
+                filled: dict[str, int] = {}
 
                 def run(side: Side, key: str) -> float:
                     cache = side.make_cache()
                     _fill(cache, keys, values, chunk)
-                    seconds = time_decode(side, last, settings.sweep_decode, cache)
-                    filled[key] = cache
-                    return seconds
+                    filled[key] = sum(c.nbytes for c in cache)  # bytes at exactly `context`
+                    return time_decode(side, last, settings.sweep_decode, cache)
 
                 runs = alternate(settings.sweep_repeats, {
                     "kvzoo": lambda: run(ours, "kvzoo"), "mlx_lm": lambda: run(theirs, "mlx_lm")},
                     progress, label)
-                nbytes = {key: sum(c.nbytes for c in cache) for key, cache in filled.items()}
-                filled.clear()
+                nbytes = dict(filled)
             rates = _rates(runs, 1)
             out.append({"cache": name, "context": context, "tokens_per_s": rates["tokens_per_s"],
                         "ratio": rates["ratio"], "nbytes": nbytes})
