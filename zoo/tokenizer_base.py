@@ -40,6 +40,7 @@ class Tokenizer:
     add_bos: bool = False
     special_tokens: dict[str, int] = {}
     leading_space: str = "keep"
+    utf8_errors: str = "replace"  # or REPLACE_EACH_BYTE (sentencepiece's policy)
 
     # -- what a backend implements ---------------------------------------------------------
 
@@ -53,6 +54,14 @@ class Tokenizer:
 
     def _strippable(self, token: int) -> bool:
         """Whether the leading space of `token` is dropped at the start of a text."""
+        return False
+
+    def _ends_bytes(self, token: int) -> bool:
+        """Whether `token` ends a run of byte pieces (an unfinished character becomes U+FFFD).
+
+        Byte-level BPE joins all bytes before decoding; SentencePiece decodes each run of
+        byte-fallback pieces on its own, so any other piece, even a control token, ends it.
+        """
         return False
 
     # -- the interface ---------------------------------------------------------------------
@@ -123,6 +132,18 @@ def _split_special(text: str, specials: dict[str, int]) -> list[str]:
     return re.split(f"({pattern})", text)
 
 
+def _replace_each_byte(error: UnicodeError) -> tuple[str, int]:
+    """One U+FFFD per invalid byte, as sentencepiece decodes byte pieces (Python's "replace"
+    gives one per maximal invalid subsequence, as HF tokenizers do)."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    return "\ufffd" * (error.end - error.start), error.end
+
+
+REPLACE_EACH_BYTE = "kvzoo.replace_each_byte"
+codecs.register_error(REPLACE_EACH_BYTE, _replace_each_byte)
+
+
 class StreamingDetokenizer:
     """Decode tokens one at a time; text is released only once its UTF-8 is complete.
 
@@ -140,7 +161,7 @@ class StreamingDetokenizer:
         """Forget all tokens and text."""
         self.tokens: list[int] = []
         self.text = ""
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=self.tokenizer.utf8_errors)
         self._at_start = not self.continuation  # no bytes produced yet
 
     def add_token(self, token: int) -> str:
@@ -150,13 +171,14 @@ class StreamingDetokenizer:
             raise ValueError(f"token id {token!r} is outside the vocabulary [0, {tok.vocab_size})")
         self.tokens.append(token)
         data = tok.token_bytes(token)
+        flushed = self._decoder.decode(b"", final=True) if tok._ends_bytes(token) else ""
         if self._at_start and data:
             if tok.leading_space != "keep" and tok._strippable(token) and data[:1] == b" ":
                 data = data[1:]
                 self._at_start = tok.leading_space == "drop_while_empty" and not data
             else:
                 self._at_start = False
-        piece = self._decoder.decode(data)
+        piece = flushed + self._decoder.decode(data)
         self.text += piece
         return piece
 

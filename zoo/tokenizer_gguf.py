@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 from typing import Any, Optional
 
-from .tokenizer_base import Tokenizer
+from .tokenizer_base import REPLACE_EACH_BYTE, Tokenizer
 
 SPACE = "\u2581"  # "▁"
 NO_TOKEN = 0xFFFFFFFF  # GGUF's "unset" id
@@ -30,6 +30,7 @@ UNKNOWN_SURFACE = " \u2047 "  # " ⁇ ", SentencePiece's default text for <unk>
 class GGUFTokenizer(Tokenizer):
     """SentencePiece-style BPE over pieces with scores (llama.cpp's SPM vocabulary)."""
 
+    utf8_errors = REPLACE_EACH_BYTE  # as sentencepiece decodes broken byte pieces
     leading_space = "drop_once"
 
     def __init__(
@@ -80,6 +81,9 @@ class GGUFTokenizer(Tokenizer):
 
     def _strippable(self, token: int) -> bool:
         return self.types[token] in WORD_TYPES
+
+    def _ends_bytes(self, token: int) -> bool:
+        return self.types[token] != BYTE
 
     def _encode_ordinary(self, text: str) -> list[int]:
         if not text:
@@ -146,8 +150,9 @@ def _scalar(metadata: dict, key: str, default: Any = None) -> Any:
     return value
 
 
-def _token_id(metadata: dict, key: str) -> Optional[int]:
-    value = _scalar(metadata, key)
+def _token_id(metadata: dict, key: str, default: Optional[int] = None) -> Optional[int]:
+    """A special token id; absent -> `default` (llama.cpp's for SPM vocabularies), unset -> None."""
+    value = _scalar(metadata, key, default)
     return None if value is None or int(value) in (NO_TOKEN, -1) else int(value)
 
 
@@ -168,14 +173,14 @@ def tokenizer_from_gguf(metadata: dict) -> GGUFTokenizer:
     scores = _as_list(metadata["tokenizer.ggml.scores"]) if "tokenizer.ggml.scores" in metadata else [0.0] * n
     types = _as_list(metadata["tokenizer.ggml.token_type"]) if "tokenizer.ggml.token_type" in metadata \
         else [NORMAL] * n
-    eos = [_token_id(metadata, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    eos = [_token_id(metadata, "tokenizer.ggml.eos_token_id", 2), _token_id(metadata, "tokenizer.ggml.eot_token_id")]
     return GGUFTokenizer(
         pieces,
         scores,
         [int(t) for t in types],
-        bos_id=_token_id(metadata, "tokenizer.ggml.bos_token_id"),
+        bos_id=_token_id(metadata, "tokenizer.ggml.bos_token_id", 1),
         eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
-        unk_id=_token_id(metadata, "tokenizer.ggml.unknown_token_id"),
+        unk_id=_token_id(metadata, "tokenizer.ggml.unknown_token_id", 0),
         add_bos=bool(_scalar(metadata, "tokenizer.ggml.add_bos_token", True)),
         add_space_prefix=bool(_scalar(metadata, "tokenizer.ggml.add_space_prefix", True)),
     )

@@ -7,13 +7,15 @@ from typing import Iterable, Optional
 
 import sentencepiece
 
-from .tokenizer_base import Tokenizer
+from .tokenizer_base import REPLACE_EACH_BYTE, Tokenizer
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
 
 class SentencePieceTokenizer(Tokenizer):
     """Encoding and decoding by sentencepiece itself; bytes per piece for streaming."""
+
+    utf8_errors = REPLACE_EACH_BYTE  # as sentencepiece decodes broken byte pieces
 
 
     def __init__(self, model_file: Path, *, add_bos: bool = True, extra_eos_ids: Iterable[int] = ()):
@@ -68,6 +70,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _strippable(self, token: int) -> bool:
         return self._word_piece[token]
+
+    def _ends_bytes(self, token: int) -> bool:
+        return not self.sp.is_byte(token)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(self.check_ids(ids))
