@@ -5,6 +5,7 @@
     cache = caches.make("preallocated", model)
     logits = model(tokens, cache)                     # [B, L, V]
     for token, logprobs in zoo.generate_step(model, prompt, cache="concat"): ...
+    text = zoo.generate(model, tokenizer, "Once upon a time", max_tokens=50, temp=0.8)
 """
 
 from .config import ModelConfig
@@ -13,15 +14,23 @@ from .registry import available, build, from_config, make_config, presets, regis
 
 from . import gpt2, llama  # noqa: E402,F401  (register the built-in families)
 from .generate import generate_step
+from .stream import GenerationResponse, generate, stream_generate  # zoo.generate: the function
+from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 __all__ = [
     "CausalLM",
+    "GenerationResponse",
     "ModelConfig",
     "available",
     "build",
     "from_config",
+    "generate",
     "generate_step",
+    "load_tokenizer",
     "make_config",
     "presets",
     "register_family",
+    "stream_generate",
+    "tokenizer_from_gguf",
+    "Tokenizer",
 ]
