@@ -176,6 +176,7 @@ def test_reply_after_only_bos_starts_a_text(model, tok):
     "options, error, message",
     [
         (dict(max_tokens=-1), ValueError, "max_tokens"),
+        (dict(prefill_step=0), ValueError, "prefill_step"),
         (dict(temp=-1.0), ValueError, "temperature"),
         (dict(top_p=0.0, temp=1.0), ValueError, "top_p"),
         (dict(top_k=-2, temp=1.0), ValueError, "top_k"),

@@ -116,6 +116,8 @@ def stream_generate(
     """
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+    if not isinstance(prefill_step, int) or isinstance(prefill_step, bool) or prefill_step < 1:
+        raise ValueError(f"prefill_step must be an int >= 1, got {prefill_step!r}")
     stops = _stop_strings(stop)
     sampler = _sampling_options(sampler, dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed))
     processors = sampling.make_logits_processors(repetition_penalty=repetition_penalty,
