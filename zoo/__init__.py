@@ -13,6 +13,7 @@ from .registry import available, build, from_config, make_config, presets, regis
 
 from . import gpt2, llama  # noqa: E402,F401  (register the built-in families)
 from .generate import generate_step
+from .loading import load, load_model, save
 
 __all__ = [
     "CausalLM",
@@ -21,7 +22,10 @@ __all__ = [
     "build",
     "from_config",
     "generate_step",
+    "load",
+    "load_model",
     "make_config",
     "presets",
     "register_family",
+    "save",
 ]
