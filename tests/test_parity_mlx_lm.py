@@ -121,3 +121,20 @@ def test_transformers_checkpoints_read_by_mlx_lm_and_kvzoo(tmp_path):
         assert spread(expected) > 1.0
         np.testing.assert_allclose(np.array(zoo.load_model(tmp_path / name)(BATCH)), expected,
                                    atol=LOGIT_TOL, rtol=0, err_msg=name)
+
+
+def test_mlx_lm_rope_traditional_field_is_honoured(tmp_path):
+    """mlx-lm's config.json extension `rope_traditional: true` (weights kept in the
+    interleaved order) reads the same in kvzoo and in mlx-lm."""
+    model = zoo.build("llama", seed=7, **{**SHAPE, "n_kv_heads": 2, "d_ff": 48, "rope_traditional": True})
+    config = zoo.hf.hf_config(model.config)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_traditional": True}))
+    from mlx.utils import tree_flatten
+
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    expected = np.array(mlx_lm_load(tmp_path)(BATCH))
+    assert spread(expected) > 1.0
+    loaded = zoo.load_model(tmp_path)
+    assert loaded.config.rope_traditional
+    np.testing.assert_allclose(np.array(loaded(BATCH)), expected, atol=LOGIT_TOL, rtol=0)
+    np.testing.assert_allclose(np.array(model(BATCH)), expected, atol=LOGIT_TOL, rtol=0)

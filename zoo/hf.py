@@ -75,6 +75,8 @@ def gpt2_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         n_positions=cfg.max_positions, n_ctx=cfg.max_positions, layer_norm_epsilon=cfg.norm_eps,
         activation_function="gelu_new", scale_attn_weights=True,
         scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=cfg.tie_embeddings,
+        # GPT2Config defaults both to 50256 (GPT-2's <|endoftext|>); not a token of a smaller vocabulary.
+        **({} if cfg.vocab_size > 50256 else dict(bos_token_id=None, eos_token_id=None)),
     )
 
 
