@@ -9,14 +9,12 @@ identical weights is in test_parity_*.py.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import positional
 import zoo
 
 VOCAB = 80

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import mlx.core as mx
 
 from .checkpoint import CheckpointLayout
 from .config import ModelConfig
