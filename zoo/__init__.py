@@ -5,6 +5,7 @@
     cache = caches.make("preallocated", model)
     logits = model(tokens, cache)                     # [B, L, V]
     for token, logprobs in zoo.generate_step(model, prompt, cache="concat"): ...
+    model, tokenizer = zoo.load("stories260K.gguf")      # or an HF folder
     text = zoo.generate(model, tokenizer, "Once upon a time", max_tokens=50, temp=0.8)
 """
 
@@ -14,6 +15,7 @@ from .registry import available, build, from_config, make_config, presets, regis
 
 from . import gpt2, llama  # noqa: E402,F401  (register the built-in families)
 from .generate import generate_step
+from .loading import load, load_model, save
 from .stream import GenerationResponse, generate, stream_generate  # zoo.generate: the function
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
@@ -26,10 +28,13 @@ __all__ = [
     "from_config",
     "generate",
     "generate_step",
+    "load",
+    "load_model",
     "load_tokenizer",
     "make_config",
     "presets",
     "register_family",
+    "save",
     "stream_generate",
     "tokenizer_from_gguf",
     "Tokenizer",
