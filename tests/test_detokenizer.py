@@ -118,7 +118,12 @@ def test_bad_token_and_reset():
     detok = tok.detokenizer()
     with pytest.raises(ValueError, match="outside the vocabulary"):
         detok.add_token(512)
+    with pytest.raises(TypeError, match="ints"):
+        detok.add_token(3.0)
     assert detok.tokens == [] and detok.text == ""
-    detok.add_token(tok.encode("hi", add_bos=False)[0])
+    import numpy as np
+
+    (the,) = tok.encode("the", add_bos=False)
+    assert detok.add_token(np.int64(the)) == "the"
     detok.reset()
     assert detok.tokens == [] and detok.text == ""

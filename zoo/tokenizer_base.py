@@ -15,8 +15,9 @@ validation and the streaming detokenizer.
 from __future__ import annotations
 
 import codecs
+import operator
 import re
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 
 class Tokenizer:
@@ -97,7 +98,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids` (invalid UTF-8 from partial byte tokens becomes U+FFFD)."""
         detok = self.detokenizer()
-        for token in self.check_ids(ids):
+        for token in self.check_ids(ids):  # all checked before any is decoded
             detok.add_token(token)
         detok.finalize()
         return detok.text
@@ -114,12 +115,16 @@ class Tokenizer:
         """`ids` as a list of ints, or ValueError naming the first id outside the vocabulary."""
         if hasattr(ids, "tolist"):  # mx.array / numpy
             ids = ids.tolist()
-        ids = list(ids)
-        for i in ids:
-            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i!r} is outside the vocabulary: ids must be ints in "
-                                 f"[0, {self.vocab_size})")
-        return ids
+        return [self.check_id(i) for i in ids]
+
+    def check_id(self, token: Any) -> int:
+        """`token` as an int, or TypeError / ValueError if it is no id of this vocabulary."""
+        if isinstance(token, bool) or not hasattr(token, "__index__"):
+            raise TypeError(f"token ids must be ints, got {token!r}")
+        token = operator.index(token)
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary: ids must be in [0, {self.vocab_size})")
+        return token
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
@@ -167,8 +172,7 @@ class StreamingDetokenizer:
     def add_token(self, token: int) -> str:
         """Consume one token id; return the text it completes (possibly "")."""
         tok = self.tokenizer
-        if not isinstance(token, int) or not 0 <= token < tok.vocab_size:
-            raise ValueError(f"token id {token!r} is outside the vocabulary [0, {tok.vocab_size})")
+        token = tok.check_id(token)
         self.tokens.append(token)
         data = tok.token_bytes(token)
         flushed = self._decoder.decode(b"", final=True) if tok._ends_bytes(token) else ""

@@ -133,12 +133,11 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(self.check_ids(ids), errors="replace")
 
-    def check_ids(self, ids: Iterable[int]) -> list[int]:
-        ids = super().check_ids(ids)
-        missing = [i for i in ids if i not in self._valid]
-        if missing:
-            raise ValueError(f"token id {missing[0]} has no bytes in this vocabulary")
-        return ids
+    def check_id(self, token) -> int:
+        token = super().check_id(token)
+        if token not in self._valid:  # a hole in the id range
+            raise ValueError(f"token id {token} has no bytes in this vocabulary")
+        return token
 
 
 def special_tokens_from_hf(folder: Path, others: dict[str, int], first_free_id: int) -> tuple[dict[str, int], dict]:

@@ -9,6 +9,10 @@ Unlike sentencepiece's default normaliser, nothing is collapsed or trimmed: " a"
 leading space ("▁", "▁a") and "a  b" its double space. Where a SentencePiece model removes
 extra whitespace (tok512.model does), the two agree on every text without leading, trailing
 or repeated spaces.
+
+Decoding joins the pieces ("▁" as a space, byte pieces as bytes, control tokens as nothing)
+and drops the one space encoding prefixed, so every text round-trips (except a literal "▁",
+which comes back as a space, as in SentencePiece).
 """
 
 from __future__ import annotations
