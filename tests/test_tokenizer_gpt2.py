@@ -146,3 +146,26 @@ def test_missing_tokenizer_files_name_what_was_looked_for(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(Path(tmp_path) / "absent")
+
+
+def test_tokenizer_json_alone_as_transformers_saves_it(tmp_path):
+    # transformers 5 saves a GPT-2 tokenizer as tokenizer.json (+ tokenizer_config.json) only.
+    hf = hf_gpt2()
+    hf.save_pretrained(str(tmp_path))
+    assert not (tmp_path / "vocab.json").exists() and (tmp_path / "tokenizer.json").exists()
+    ours = load_tokenizer(tmp_path)
+    assert ours.vocab_size == 50257 and ours.special_tokens == {"<|endoftext|>": 50256}
+    assert ours.bos_id == 50256 and ours.eos_ids == {50256}
+    for text in VARIED:
+        assert ours.encode(text, allow_special=True) == hf.encode(text)
+
+
+def test_tokenizer_json_of_another_kind_is_refused(tmp_path):
+    import json
+
+    hf_gpt2().save_pretrained(str(tmp_path))
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="not GPT-2 byte-level BPE.*Metaspace"):
+        load_tokenizer(tmp_path)

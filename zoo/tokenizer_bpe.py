@@ -34,8 +34,8 @@ def gpt2_unicode_to_byte() -> dict[str, int]:
     return table
 
 
-def ranks_from_hf_files(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
-    """(mergeable ranks, other vocabulary entries) from HF's vocab.json and merges.txt.
+def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list, source: str) -> tuple[dict[bytes, int], dict[str, int]]:
+    """(mergeable ranks, other vocabulary entries) from a byte-level BPE vocabulary and merges.
 
     tiktoken merges the adjacent pair whose result has the lowest rank and uses the rank as
     the token id, so this needs the vocabulary's ids to follow the merge order (true of GPT-2:
@@ -43,36 +43,73 @@ def ranks_from_hf_files(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes
     (such as "<|endoftext|>") are returned separately, with their ids.
     """
     to_byte = gpt2_unicode_to_byte()
-    vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
 
     def as_bytes(token: str) -> bytes:
         try:
             return bytes(to_byte[ch] for ch in token)
         except KeyError as error:
-            raise ValueError(f"{vocab_path}: token {token!r} is not in GPT-2's byte-level alphabet") from error
+            raise ValueError(f"{source}: token {token!r} is not in GPT-2's byte-level alphabet") from error
 
-    lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
-    merges = [line.split() for line in lines if line and not line.startswith("#version")]
     ranks: dict[bytes, int] = {}
     for ch, b in to_byte.items():
         if ch not in vocab:
-            raise ValueError(f"{vocab_path} lacks the single-byte token {ch!r} (byte {b})")
+            raise ValueError(f"{source} lacks the single-byte token {ch!r} (byte {b})")
         ranks[bytes([b])] = vocab[ch]
+    merge_ids = []
     for n, pair in enumerate(merges):
+        pair = pair.split() if isinstance(pair, str) else list(pair)
         if len(pair) != 2:
-            raise ValueError(f"{merges_path}: merge {n + 1} should be two tokens, got {pair}")
+            raise ValueError(f"{source}: merge {n + 1} should be two tokens, got {pair}")
         merged = pair[0] + pair[1]
         if merged not in vocab:
-            raise ValueError(f"{merges_path}: merge {n + 1} {pair} makes {merged!r}, which is not in {vocab_path}")
+            raise ValueError(f"{source}: merge {n + 1} {pair} makes {merged!r}, which is not in the vocabulary")
         ranks[as_bytes(merged)] = vocab[merged]
-    merge_ids = [vocab[a + b] for a, b in merges]
+        merge_ids.append(vocab[merged])
     if max(ranks[bytes([b])] for b in range(256)) >= min(merge_ids, default=256) or any(
         x >= y for x, y in zip(merge_ids, merge_ids[1:])
     ):
-        raise ValueError(f"{vocab_path}: token ids do not follow the merge order in {merges_path}; "
+        raise ValueError(f"{source}: token ids do not follow the merge order; "
                          "tiktoken needs ids = merge priority (as in GPT-2's files)")
     rank_ids = set(ranks.values())
     others = {token: i for token, i in vocab.items() if i not in rank_ids}
+    return ranks, others
+
+
+def ranks_from_hf_files(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Ranks and other entries from HF's vocab.json and merges.txt (a "#version" header line,
+    then one "a b" merge per line)."""
+    vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+    lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    return ranks_from_vocab_and_merges(vocab, merges, f"{vocab_path} + {merges_path}")
+
+
+GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+
+
+def ranks_from_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Ranks and other entries (added tokens included) from an HF tokenizer.json, if it is
+    GPT-2's byte-level BPE; anything else (another split pattern, byte fallback, a
+    normaliser) is a ValueError rather than a silently different tokenizer."""
+    data = read_json(path)
+    model = data.get("model") or {}
+    pre = data.get("pre_tokenizer") or {}
+    pre_fields = {k: pre.get(k) for k in GPT2_PRE_TOKENIZER}
+    problems = []
+    if model.get("type") != "BPE":
+        problems.append(f"model type {model.get('type')!r} (need 'BPE')")
+    if pre_fields != GPT2_PRE_TOKENIZER:
+        problems.append(f"pre_tokenizer {pre.get('type')!r} (need GPT-2's ByteLevel with its regex)")
+    if data.get("normalizer") is not None:
+        problems.append("a normalizer")
+    if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        problems.append("byte_fallback / subword prefixes")
+    if problems:
+        raise ValueError(f"{path} is not GPT-2 byte-level BPE, which is all kvzoo reads from tokenizer.json: "
+                         f"it has {', '.join(problems)}")
+    ranks, others = ranks_from_vocab_and_merges(model.get("vocab") or {}, model.get("merges") or [], str(path))
+    for entry in data.get("added_tokens") or []:
+        others[entry["content"]] = int(entry["id"])
     return ranks, others
 
 
@@ -184,10 +221,13 @@ def read_json(path: Path) -> dict:
 
 
 def load_bpe(folder: Path, tiktoken_file: Optional[Path] = None) -> BPETokenizer:
-    """A byte-level BPE tokenizer from an HF folder (vocab.json + merges.txt) or a .tiktoken file."""
+    """A byte-level BPE tokenizer from an HF folder (vocab.json + merges.txt, else
+    tokenizer.json) or a .tiktoken file."""
     folder = Path(folder)
-    if tiktoken_file is None:
+    if tiktoken_file is None and (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         ranks, others = ranks_from_hf_files(folder / "vocab.json", folder / "merges.txt")
+    elif tiktoken_file is None:
+        ranks, others = ranks_from_tokenizer_json(folder / "tokenizer.json")
     else:
         ranks, others = ranks_from_tiktoken_file(tiktoken_file), {}
         vocab_path = folder / "vocab.json"

@@ -26,14 +26,15 @@ __all__ = [
     "tokenizer_from_gguf",
 ]
 
-LOOKED_FOR = "tokenizer.model (SentencePiece), vocab.json + merges.txt (GPT-2 BPE), or a *.tiktoken file"
+LOOKED_FOR = ("tokenizer.model (SentencePiece), vocab.json + merges.txt or tokenizer.json (GPT-2 byte-level "
+              "BPE), or a *.tiktoken file")
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
     """The tokenizer stored in `folder`, chosen by the files present.
 
-    tokenizer.model -> SentencePiece; vocab.json + merges.txt -> byte-level BPE; *.tiktoken ->
-    byte-level BPE from tiktoken ranks. Special tokens and BOS/EOS come from
+    tokenizer.model -> SentencePiece; vocab.json + merges.txt, else tokenizer.json (GPT-2
+    byte-level BPE only) -> byte-level BPE; *.tiktoken -> byte-level BPE from tiktoken ranks. Special tokens and BOS/EOS come from
     tokenizer_config.json / special_tokens_map.json; extra EOS ids from generation_config.json
     or config.json (`eos_token_id`).
     """
@@ -46,7 +47,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
         add_bos = config.get("add_bos_token")
         return load_sentencepiece(folder / "tokenizer.model", add_bos=None if add_bos is None else bool(add_bos),
                                   extra_eos_ids=extra_eos)
-    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+    if ((folder / "vocab.json").exists() and (folder / "merges.txt").exists()) or (folder / "tokenizer.json").exists():
         tokenizer = load_bpe(folder)
     else:
         tiktoken_files = sorted(folder.glob("*.tiktoken"))
