@@ -14,13 +14,15 @@ from .reference import EXACT, Reference
 from .registry import available, get, make, options_of, register
 
 # Built-in strategies register themselves on import.
-from . import concat, preallocated, rotating  # noqa: E402,F401
+from . import concat, preallocated, quantized, rotating  # noqa: E402,F401
+from .quantized import QuantizedReference  # noqa: E402
 from .rotating import WindowReference  # noqa: E402
 
 __all__ = [
     "Cache",
     "Reference",
     "WindowReference",
+    "QuantizedReference",
     "EXACT",
     "available",
     "get",
