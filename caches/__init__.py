@@ -12,6 +12,7 @@ from .attention import scaled_dot_product_attention
 from .base import Cache
 from .reference import EXACT, Reference
 from .registry import available, get, make, options_of, register
+from .persistence import load, save
 
 # Built-in strategies register themselves on import.
 from . import concat, preallocated, quantized, rotating  # noqa: E402,F401
@@ -26,6 +27,8 @@ __all__ = [
     "EXACT",
     "available",
     "get",
+    "load",
+    "save",
     "make",
     "options_of",
     "register",
