@@ -226,7 +226,7 @@ class RotatingCache(Cache):
         if self.offset <= self.max_size:
             # Every position so far is stored, in order, and no query reaches past the window.
             reference, k_positions = EXACT, None
-        elif L == 1 and self._fetched is None:
+        elif L == 1:
             # One query over the whole ring: it sees every stored slot; only bias needs positions.
             if bias is None:
                 return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale)
