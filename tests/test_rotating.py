@@ -230,3 +230,26 @@ def test_trim_before_the_wrap_and_refused_after(rope_gqa):
     with pytest.raises(ValueError, match="once it has wrapped"):
         cache[0].trim(1)
     assert cache[0].offset == 10
+
+
+def test_mlx_lms_rotating_cache_agrees_on_identical_weights():
+    """An oracle nobody here wrote: mlx-lm's RotatingKVCache on the same weights. It agrees
+    token by token with sinks, and for any chunking without them. (With keep > 0 and a
+    multi-token chunk that crosses the window, mlx-lm's own results depend on the chunking:
+    docs/caches.md.)"""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from zoo.interop import to_mlx_lm
+
+    model = zoo.build("llama", preset="tiny", seed=3)
+    twin = to_mlx_lm(model)
+    tokens = tokens_of(20)
+    for keep, chunk_sets in ((0, ([1] * 20, [5, 10, 5], [20])), (2, ([1] * 20, [4] + [1] * 16))):
+        for chunks in chunk_sets:
+            theirs = [RotatingKVCache(max_size=6, keep=keep) for _ in model.layers]
+            outs, start = [], 0
+            for size in chunks:
+                outs.append(twin(mx.array(tokens[start : start + size])[None], cache=theirs)[0])
+                start += size
+            ours = feed(model, caches.make("rotating", model, max_size=6, keep=keep), tokens, chunks)
+            assert mx.abs(mx.concatenate(outs) - ours).max().item() <= TOL, (keep, chunks)
