@@ -118,9 +118,15 @@ def generate_step(
     token, logprobs = step(prompt)
     mx.async_eval(token, logprobs)
     for n in range(max_tokens):
+        cannot_continue = None
         if n + 1 < max_tokens:
-            next_token, next_logprobs = step(token)  # built while `token` is evaluated
-            mx.async_eval(next_token, next_logprobs)
+            try:
+                next_token, next_logprobs = step(token)  # built while `token` is evaluated
+                mx.async_eval(next_token, next_logprobs)
+            except ValueError as error:  # e.g. past a learned position table: nothing written
+                cannot_continue = error
         yield token.item(), logprobs
+        if cannot_continue is not None:
+            raise cannot_continue
         if n + 1 < max_tokens:
             token, logprobs = next_token, next_logprobs

@@ -1,0 +1,99 @@
+"""The conformance kit: check a cache against its declared reference in one call.
+
+    report = caches.conformance.check(model, lambda: caches.make("mine", model), prompt)
+    assert report.ok, report
+
+The model is anything callable as `model(tokens, cache)` and `model(tokens, reference=...)`
+(every kvzoo model, duck-typed so this package never imports `zoo`). The kit feeds the prompt
+through the cache in the given chunks, decodes greedily one token at a time, then runs the
+uncached forward over the whole sequence under the cache's `Reference` and compares the logits
+at every position and the greedy choice at every decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import mlx.core as mx
+
+from .base import Cache
+
+DEFAULT_TOLERANCE = 1e-4  # fp32
+
+
+@dataclass
+class Report:
+    """Outcome of one conformance run."""
+
+    max_abs_diff: float  # max |cached logit - reference logit| over every position
+    greedy_steps: int  # decode steps compared
+    greedy_agree: int  # steps where the cache's greedy token is the reference's
+    ties: int  # disagreements where the reference's top two logits are within tolerance
+    bytes_per_token: float  # cache nbytes / tokens held, after the run
+    true_max_abs_diff: float  # same as max_abs_diff, against the true uncached model
+    true_top1_agree: float  # fraction of positions where argmax matches the true model
+    tolerance: float = DEFAULT_TOLERANCE
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Exact against the reference: logits within tolerance, greedy equal up to ties."""
+        greedy_ok = self.greedy_agree + self.ties == self.greedy_steps
+        return self.max_abs_diff <= self.tolerance and greedy_ok
+
+
+def check(
+    model: Any,
+    make_cache: Callable[[], Sequence[Cache]],
+    prompt: Sequence[int],
+    *,
+    chunks: Optional[Sequence[int]] = None,
+    decode: int = 8,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> Report:
+    """Run `prompt` (chunked as `chunks`, default one chunk) then `decode` greedy steps."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("conformance check needs a non-empty prompt")
+    chunks = list(chunks) if chunks is not None else [len(prompt)]
+    if sum(chunks) != len(prompt) or any(c < 1 for c in chunks):
+        raise ValueError(f"chunks {chunks} must be positive and sum to the prompt length {len(prompt)}")
+    cache = list(make_cache())
+
+    outputs, start = [], 0
+    for size in chunks:
+        piece = mx.array(prompt[start : start + size], dtype=mx.int32)[None]
+        outputs.append(model(piece, cache)[0])  # [size, V]
+        mx.eval(outputs[-1])
+        start += size
+    tokens = list(prompt)
+    for _ in range(decode):
+        tokens.append(int(mx.argmax(outputs[-1][-1]).item()))
+        outputs.append(model(mx.array([tokens[-1:]], dtype=mx.int32), cache)[0])
+        mx.eval(outputs[-1])
+    cached = mx.concatenate(outputs, axis=0)  # [len(tokens), V]
+
+    sequence = mx.array(tokens, dtype=mx.int32)[None]
+    reference = model(sequence, reference=cache[0].reference)[0]
+    true = model(sequence)[0]
+    agree = ties = 0
+    for step in range(decode):
+        row = reference[len(prompt) - 1 + step]
+        if int(mx.argmax(row).item()) == tokens[len(prompt) + step]:
+            agree += 1
+        else:
+            top2 = mx.sort(row)[-2:]
+            ties += int((top2[1] - top2[0]).item() <= tolerance)
+    held = max(min(c.size() for c in cache), 1)
+    return Report(
+        max_abs_diff=mx.abs(cached - reference).max().item(),
+        greedy_steps=decode,
+        greedy_agree=agree,
+        ties=ties,
+        bytes_per_token=sum(c.nbytes for c in cache) / held,
+        true_max_abs_diff=mx.abs(cached - true).max().item(),
+        true_top1_agree=(mx.argmax(cached, -1) == mx.argmax(true, -1)).mean().item(),
+        tolerance=tolerance,
+        tokens=tokens[len(prompt) :],
+    )

@@ -1,0 +1,141 @@
+"""Positional schemes against implementations nobody here wrote."""
+
+from __future__ import annotations
+
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import positional
+from conftest import require_module
+from positional.alibi import ALiBi, alibi_slopes
+from positional.learned import LearnedPositional
+from positional.rope import RoPE
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 3, 4, 6, 8, 12, 16, 20, 32])
+def test_alibi_slopes_match_mlx_nn(n_heads):
+    want = nn.ALiBi.create_alibi_slope(n_heads).reshape(-1)
+    assert np.allclose(alibi_slopes(n_heads), np.array(want), rtol=1e-6)
+
+
+def test_alibi_slopes_for_eight_heads_are_the_papers():
+    assert alibi_slopes(8) == [2.0 ** -(i + 1) for i in range(8)]
+
+
+@pytest.mark.parametrize("n_heads", [4, 6, 12])
+def test_alibi_bias_matches_bloom_after_softmax(n_heads):
+    """BLOOM adds slope * key_position; ALiBi's -slope * distance differs by a per-row
+    constant, so the attention probabilities must be identical."""
+    torch = require_module("torch")
+    require_module("transformers")
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    L = 9
+    bloom = build_alibi_tensor(torch.ones(1, L), n_heads, torch.float32).numpy().reshape(n_heads, 1, L)
+    pos = mx.arange(L)
+    ours = np.array(ALiBi(n_heads).bias(pos, pos))  # [H, L, L]
+    causal = np.tril(np.ones((L, L), dtype=bool))
+    scores = np.random.default_rng(0).normal(size=(n_heads, L, L))
+
+    def softmax(bias):
+        x = np.where(causal, scores + bias, -np.inf)
+        x = np.exp(x - x.max(-1, keepdims=True))
+        return x / x.sum(-1, keepdims=True)
+
+    assert np.allclose(softmax(ours), softmax(bloom), atol=1e-6)
+
+
+def test_alibi_bias_depends_on_absolute_positions_not_slot_order():
+    scheme = ALiBi(4)
+    q = mx.array([10])
+    k_in_order, k_shuffled = mx.array([7, 8, 9, 10]), mx.array([9, 10, 7, 8])
+    a = np.array(scheme.bias(q, k_in_order))
+    b = np.array(scheme.bias(q, k_shuffled))
+    assert np.array_equal(a[..., [2, 3, 0, 1]], b)
+
+
+def numpy_rope(x: np.ndarray, positions: np.ndarray, base: float, traditional: bool, scale: float):
+    """RoPE written from the paper's formula: rotate feature pairs by angle pos * base^(-2i/D)."""
+    D = x.shape[-1]
+    inv_freq = base ** (-np.arange(0, D, 2) / D)  # [D/2]
+    angles = (positions * scale)[:, None] * inv_freq[None, :]  # [L, D/2]
+    cos, sin = np.cos(angles), np.sin(angles)
+    if traditional:  # pairs (x0, x1), (x2, x3), ...
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = a * sin + b * cos
+        return out
+    a, b = x[..., : D // 2], x[..., D // 2 :]  # pairs (x_i, x_{i + D/2})
+    return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("offset, scale, base", [(0, 1.0, 10000.0), (37, 1.0, 10000.0),
+                                                 (5, 0.25, 500000.0)])
+def test_rope_matches_the_formula_at_absolute_positions(traditional, offset, scale, base):
+    x = np.random.default_rng(1).normal(size=(1, 2, 6, 16)).astype(np.float32)
+    rope = RoPE(16, base=base, traditional=traditional, scale=scale)
+    positions = mx.arange(offset, offset + 6)
+    q, _ = rope.rotate(mx.array(x), mx.array(x), positions)
+    want = numpy_rope(x.astype(np.float64), np.arange(offset, offset + 6), base, traditional, scale)
+    assert np.allclose(np.array(q), want, atol=2e-5)
+
+
+def test_rope_matches_hf_llama_rotary_embedding():
+    torch = require_module("torch")
+    require_module("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    D, L, offset = 16, 5, 11
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=D, rope_theta=10000.0)
+    rotary = LlamaRotaryEmbedding(config)
+    x = torch.randn(1, 4, L, D)
+    position_ids = torch.arange(offset, offset + L)[None]
+    cos, sin = rotary(x, position_ids)
+    want, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    got, _ = RoPE(D).rotate(mx.array(x.numpy()), mx.array(x.numpy()), mx.arange(offset, offset + L))
+    assert np.allclose(np.array(got), want.numpy(), atol=1e-5)
+
+
+def test_learned_adds_the_row_of_each_absolute_position():
+    table = LearnedPositional(8, 4)
+    table.weight = mx.arange(32, dtype=mx.float32).reshape(8, 4)
+    h = mx.zeros((2, 3, 4))
+    out = table.embed(h, mx.arange(5, 8))
+    assert np.array_equal(np.array(out[1]), np.array(table.weight[5:8]))
+
+
+def test_learned_bounds_name_the_limit():
+    table = LearnedPositional(8, 4)
+    table.check_positions(5, 3)  # positions 5..7 fit
+    with pytest.raises(ValueError, match=r"position 8 is past the learned position table of 8"):
+        table.check_positions(6, 3)
+
+
+def test_schemes_without_a_table_have_no_limit():
+    for name in ("rope", "alibi"):
+        assert positional.get(name).max_positions is None
+
+
+def test_a_registered_scheme_becomes_available():
+    @positional.register("test-nope")
+    class NoPositions(positional.Positional):
+        @classmethod
+        def from_config(cls, config):
+            return cls()
+
+    try:
+        assert "test-nope" in positional.available()
+        import zoo
+
+        model = zoo.build("llama", preset="tiny", positional="test-nope")
+        assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 96)
+    finally:
+        from positional import registry
+
+        registry._SCHEMES.pop("test-nope")

@@ -1,0 +1,150 @@
+"""`kvzoo check`: every family x positional scheme x cache x attention layout against its oracle.
+
+Each pairing runs on a tiny random-weight model: a prompt fed in uneven chunks, then greedy
+decoding, compared with the uncached forward under the cache's declared reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import caches
+import positional
+from caches import conformance
+
+from .registry import available as available_families
+from .registry import build
+
+HELP = "check every family x positional x cache x layout pairing against the uncached oracle"
+
+LAYOUTS = {"MHA": 4, "GQA": 2, "MQA": 1}  # n_kv_heads for the tiny presets' 4 query heads
+PROMPT_LEN = 24
+DECODE = 12
+CHUNKS = [5, 1, 11, 7]  # uneven on purpose: single-token and multi-token chunks with a warm cache
+
+
+@dataclass
+class Row:
+    family: str
+    positional: str
+    layout: str
+    cache: str
+    options: dict
+    exact: bool  # whether the cache claims to match the true uncached model here
+    report: conformance.Report
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.cache}({opts})" if opts else self.cache
+
+
+def check_pairings(
+    families: Optional[Iterable[str]] = None,
+    schemes: Optional[Iterable[str]] = None,
+    cache_names: Optional[Iterable[str]] = None,
+    layouts: Optional[Iterable[str]] = None,
+    seed: int = 0,
+    progress=None,
+) -> list[Row]:
+    """Check every requested pairing; returns one Row per (pairing, cache option set)."""
+    families = _choose(families, available_families(), "family")
+    schemes = _choose(schemes, positional.available(), "positional scheme")
+    cache_names = _choose(cache_names, caches.available(), "cache")
+    layouts = _choose(layouts, list(LAYOUTS), "layout")
+    seq_len = PROMPT_LEN + DECODE
+    rows = []
+    for family in families:
+        for scheme in schemes:
+            for layout in layouts:
+                model = build(family, preset="tiny", positional=scheme,
+                              n_kv_heads=LAYOUTS[layout], seed=seed)
+                rng = random.Random(f"{seed}-{family}-{scheme}-{layout}")
+                prompt = [rng.randrange(model.config.vocab_size) for _ in range(PROMPT_LEN)]
+                for name in cache_names:
+                    cls = caches.get(name)
+                    for options in cls.conformance_examples(head_dim=model.config.head_dim,
+                                                            seq_len=seq_len):
+                        report = conformance.check(
+                            model, lambda: caches.make(name, model, **options), prompt,
+                            chunks=CHUNKS, decode=DECODE)
+                        exact = _exact_here(cls, options, seq_len)
+                        rows.append(Row(family, scheme, layout, name, dict(options), exact, report))
+                        if progress:
+                            progress(rows[-1])
+    return rows
+
+
+def _exact_here(cls, options: dict, seq_len: int) -> bool:
+    """Whether the cache promises the true uncached outputs for a sequence of seq_len."""
+    exact_for = getattr(cls, "exact_for", None)
+    if exact_for is not None:
+        return bool(exact_for(seq_len=seq_len, **options))
+    return bool(cls.exact)
+
+
+def _choose(requested, registered: list[str], what: str) -> list[str]:
+    if not requested:
+        return list(registered)
+    requested = list(requested)
+    for name in requested:
+        if name not in registered:
+            raise ValueError(f"unknown {what} {name!r}; available: {', '.join(registered)}")
+    return requested
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ["family", "positional", "layout", "cache", "max|Δlogit| ref", "greedy", "bytes/token",
+              "vs true model", "status"]
+    lines = []
+    for r in rows:
+        rep = r.report
+        greedy = f"{rep.greedy_agree}/{rep.greedy_steps}" + (f" ({rep.ties} tie)" if rep.ties else "")
+        true = f"exact {rep.true_max_abs_diff:.1e}" if r.exact else (
+            f"Δ {rep.true_max_abs_diff:.2f}, top1 {100 * rep.true_top1_agree:.0f}%")
+        lines.append([r.family, r.positional, r.layout, r.label, f"{rep.max_abs_diff:.1e}", greedy,
+                      f"{rep.bytes_per_token:,.0f}", true, "ok" if _row_ok(r) else "FAIL"])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(line.rstrip() for line in out)
+
+
+def _row_ok(row: Row) -> bool:
+    """Exact against its reference; and, if it claims so, against the true uncached model."""
+    rep = row.report
+    return rep.ok and (not row.exact or rep.true_max_abs_diff <= rep.tolerance)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--families", nargs="+", metavar="NAME",
+                        help=f"families to check (default all: {', '.join(available_families())})")
+    parser.add_argument("--positional", nargs="+", metavar="NAME",
+                        help=f"schemes (default all: {', '.join(positional.available())})")
+    parser.add_argument("--caches", nargs="+", metavar="NAME",
+                        help=f"caches (default all: {', '.join(caches.available())})")
+    parser.add_argument("--layouts", nargs="+", metavar="NAME", choices=list(LAYOUTS),
+                        help="attention layouts (default all: MHA GQA MQA)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and prompt seed")
+
+
+def run(args: argparse.Namespace) -> int:
+    def progress(row: Row) -> None:
+        if not sys.stderr.isatty():
+            return
+        print(f"\r  checked {row.family}/{row.positional}/{row.layout}/{row.label}".ljust(72),
+              end="", file=sys.stderr, flush=True)
+
+    rows = check_pairings(args.families, args.positional, args.caches, args.layouts, args.seed, progress)
+    print("\r".ljust(73) + "\r", end="", file=sys.stderr)
+    print(format_table(rows))
+    failed = [r for r in rows if not _row_ok(r)]
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} pairings match their reference "
+          f"(tolerance {conformance.DEFAULT_TOLERANCE:g}, fp32; prompt {PROMPT_LEN} tokens in "
+          f"chunks {CHUNKS}, {DECODE} greedy steps). bytes/token = cache bytes held / tokens held.")
+    return 1 if failed else 0
