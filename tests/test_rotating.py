@@ -189,6 +189,33 @@ def test_runs_far_past_max_size_and_the_position_table_at_constant_memory(scheme
     assert mx.abs(mx.concatenate(got) - ref).max().item() <= TOL
 
 
+def test_decode_after_the_wrap_writes_in_place_without_copying_the_ring():
+    """Constant memory per step too: a decode step's peak allocation stays far below the
+    ring's size (a copy, a concatenation or a roll of the cache would need all of it)."""
+    cache = RotatingCache(max_size=1024, keep=4)
+    kv = mx.random.normal((1, 4, 1100, 64), key=mx.random.key(3))
+    queries = mx.random.normal((1, 4, 1, 64), key=mx.random.key(4))
+    mx.eval(kv, queries)
+    cache.update_and_fetch(kv[:, :, :1024], kv[:, :, :1024])
+    mx.eval(cache.state)
+
+    def step(t):
+        new = kv[:, :, t : t + 1]
+        out = cache.attend(queries, new, new, scale=0.125, q_positions=mx.array([t]))
+        mx.eval(out)
+
+    for t in range(1024, 1030):  # wrap, let the allocator settle
+        step(t)
+    ring = cache.keys.nbytes
+    for t in range(1030, 1040):
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        step(t)
+        assert mx.get_peak_memory() - before < ring / 4
+        assert cache.keys.nbytes == ring
+    assert cache.key_positions().tolist()[:6] == [0, 1, 2, 3, 1024, 1025]
+
+
 def test_learned_positions_past_the_table_raise_instead_of_wrapping():
     model = zoo.build("gpt2", preset="tiny", max_positions=16)
     cache = caches.make("rotating", model, max_size=6, keep=1)
