@@ -1,8 +1,10 @@
 """KV-cache strategies behind one protocol, chosen by name.
 
     import caches
-    caches.available()                     # ['concat', 'preallocated', ...]
-    cache = caches.make("preallocated", model, step=256)
+    caches.available()                     # ['concat', 'preallocated', 'quantized', 'rotating']
+    cache = caches.make("rotating", model, max_size=512, keep=4)
+    caches.save("prompt.safetensors", cache)
+    cache, metadata = caches.load("prompt.safetensors")
 
 A new strategy subclasses `caches.Cache`, declares its `reference` and registers itself with
 `@caches.register("name")`; it then appears in the CLI, the benchmarks and the property test.
