@@ -65,6 +65,7 @@ def test_greedy_reply_on_stdout_and_stats_on_stderr(capsys, gguf, greedy_text):
 
 def test_every_cache_and_option_prints_the_same_greedy_reply(capsys, gguf, greedy_text):
     for extra in (["--cache", "concat"], ["--cache", "preallocated", "--cache-opt", "step=5"],
+                  ["--cache", "rotating", "--cache-opt", "max_size=64", "--cache-opt", "keep=4"],  # fits: exact
                   ["--prefill-step", "2"], ["--top-k", "1", "--temp", "1.0", "--seed", "3"]):
         status, out, _ = generate(capsys, "--model", gguf, "--prompt", OPENING, "--max-tokens", str(N), *extra)
         assert (status, out) == (0, greedy_text + "\n"), extra
@@ -92,6 +93,7 @@ def test_seeded_sampling_is_reproducible(capsys, gguf):
     (["--cache", "ring"], "unknown cache 'ring'"),
     (["--cache-opt", "size=4"], "size"),
     (["--cache-opt", "step"], "KEY=VALUE"),
+    (["--cache", "quantized"], "group_size"),  # no group size fits 8-wide heads
     (["--repetition-penalty", "0"], "penalty"),
 ])
 def test_bad_options_are_reported_without_output(capsys, gguf, extra, message):
