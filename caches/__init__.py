@@ -1,8 +1,10 @@
 """KV-cache strategies behind one protocol, chosen by name.
 
     import caches
-    caches.available()                     # ['concat', 'preallocated', ...]
-    cache = caches.make("preallocated", model, step=256)
+    caches.available()                     # ['concat', 'preallocated', 'quantized', 'rotating']
+    cache = caches.make("rotating", model, max_size=512, keep=4)
+    caches.save("prompt.safetensors", cache)
+    cache, metadata = caches.load("prompt.safetensors")
 
 A new strategy subclasses `caches.Cache`, declares its `reference` and registers itself with
 `@caches.register("name")`; it then appears in the CLI, the benchmarks and the property test.
@@ -12,16 +14,23 @@ from .attention import scaled_dot_product_attention
 from .base import Cache
 from .reference import EXACT, Reference
 from .registry import available, get, make, options_of, register
+from .persistence import load, save
 
 # Built-in strategies register themselves on import.
-from . import concat, preallocated  # noqa: E402,F401
+from . import concat, preallocated, quantized, rotating  # noqa: E402,F401
+from .quantized import QuantizedReference  # noqa: E402
+from .rotating import WindowReference  # noqa: E402
 
 __all__ = [
     "Cache",
     "Reference",
+    "WindowReference",
+    "QuantizedReference",
     "EXACT",
     "available",
     "get",
+    "load",
+    "save",
     "make",
     "options_of",
     "register",

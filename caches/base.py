@@ -34,8 +34,8 @@ class Cache:
     """Base class of all KV caches. Subclasses implement the storage methods."""
 
     name: str = ""  # set by caches.register
-    exact: bool = True  # reproduces the true uncached model (see docs/caches.md for limits)
-    reference: Reference = EXACT
+    exact: bool = True  # reproduces the true uncached model for every sequence (see exact_for)
+    reference: Reference = EXACT  # a strategy with options sets its own per instance
 
     def __init__(self) -> None:
         self.offset = 0
@@ -58,17 +58,21 @@ class Cache:
 
     @property
     def state(self) -> tuple:
-        """The arrays that make up the cache (for saving)."""
+        """The arrays that make up the cache (for saving): a tuple of mx.arrays, () when empty."""
         raise NotImplementedError
 
     @property
     def meta_state(self) -> dict[str, str]:
-        """Everything else needed to rebuild the cache, as strings (for saving)."""
+        """Everything else needed to rebuild the cache (options, offset), as strings."""
         return {"offset": str(self.offset)}
 
     @classmethod
     def from_state(cls, state: tuple, meta_state: dict[str, str]) -> "Cache":
-        """Rebuild a cache from `state` and `meta_state`."""
+        """Rebuild a cache from `state` and `meta_state`, so that it continues bit-exactly.
+
+        `caches.load` calls this on the class registered under the saved name; raise
+        ValueError if the arrays or strings cannot make a valid cache.
+        """
         raise NotImplementedError
 
     @property
@@ -77,11 +81,27 @@ class Cache:
         return sum(a.nbytes for a in self.state if isinstance(a, mx.array))
 
     def is_trimmable(self) -> bool:
+        """True when `trim` can remove tokens right now."""
         return False
 
     def trim(self, n: int) -> int:
-        """Remove the last `n` tokens; returns how many were removed."""
-        raise ValueError(f"{type(self).__name__} cannot be trimmed")
+        """Remove the last `n` tokens (at most `offset`); returns how many were removed.
+
+        Decoding after a trim equals decoding a sequence that never had those tokens.
+        """
+        self._trim_count(n)
+        return 0
+
+    def _trim_count(self, n: Any) -> int:
+        """Validate a trim request; the number of tokens to remove (n capped at offset)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"trim needs an int n >= 0 (tokens to remove), got {n!r}")
+        if n and not self.is_trimmable():
+            raise ValueError(f"{type(self).__name__} cannot be trimmed {self._why_not_trimmable()}")
+        return min(n, self.offset)
+
+    def _why_not_trimmable(self) -> str:
+        return "(this strategy does not support it)"
 
     # -- behaviour shared by all strategies ------------------------------------------------
 
@@ -157,6 +177,13 @@ class Cache:
         self._layout = (keys.shape[0], keys.shape[1], keys.shape[3], values.shape[3], keys.dtype)
 
     # -- the conformance examples used by the property test and `kvzoo check` ---------------
+
+    @classmethod
+    def exact_for(cls, *, seq_len: int, **options: Any) -> bool:
+        """Whether a cache built with `options` reproduces the true uncached model exactly
+        over a sequence of `seq_len` tokens (not just its own reference). `kvzoo check`
+        reports it; the default is the class's `exact`."""
+        return cls.exact
 
     @classmethod
     def conformance_examples(cls, *, head_dim: int, seq_len: int) -> list[dict]:

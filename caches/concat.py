@@ -50,7 +50,7 @@ class ConcatCache(Cache):
         return True
 
     def trim(self, n: int) -> int:
-        n = min(self.offset, max(int(n), 0))
+        n = self._trim_count(n)
         if n:
             self.offset -= n
             self.keys = self.keys[..., : self.offset, :]

@@ -95,7 +95,7 @@ class PreallocatedCache(Cache):
         return True
 
     def trim(self, n: int) -> int:
-        n = min(self.offset, max(int(n), 0))
+        n = self._trim_count(n)
         self.offset -= n
         return n
 

@@ -1,8 +1,42 @@
-"""Samplers (log-probabilities -> token ids), chosen by name."""
+"""Samplers (log-probabilities -> token ids) and logits processors, chosen by name or composed.
 
-from .registry import Sampler, available, get, make, register
+    sampler = sampling.make_sampler(temp=0.8, top_p=0.95, seed=0)
+    processors = sampling.make_logits_processors(repetition_penalty=1.2)
+    sampling.make("top_k", top_k=40, temp=0.7)          # a registered sampler by name
+    sampling.make_processor("logit_bias", bias={2: -5})  # a registered processor by name
+"""
 
-from . import samplers  # noqa: E402,F401  (register the built-in samplers)
-from .samplers import greedy_sample
+from .registry import (
+    LogitsProcessor,
+    Sampler,
+    available,
+    available_processors,
+    get,
+    make,
+    make_processor,
+    register,
+    register_processor,
+)
 
-__all__ = ["Sampler", "available", "get", "greedy_sample", "make", "register"]
+from . import processors, samplers  # noqa: E402,F401  (register the built-ins)
+from .filters import min_p_filter, top_k_filter, top_p_filter
+from .processors import make_logits_processors
+from .samplers import greedy_sample, make_sampler
+
+__all__ = [
+    "LogitsProcessor",
+    "Sampler",
+    "available",
+    "available_processors",
+    "get",
+    "greedy_sample",
+    "make",
+    "make_logits_processors",
+    "make_processor",
+    "make_sampler",
+    "min_p_filter",
+    "register",
+    "register_processor",
+    "top_k_filter",
+    "top_p_filter",
+]

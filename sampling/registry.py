@@ -1,6 +1,8 @@
-"""Sampler registry: `@register(name)` on a factory; `make(name, **options)` returns a sampler.
+"""Registries of samplers and logits processors: `@register(name)` on a factory, `make(name, **options)`.
 
-A sampler maps log-probabilities [B, V] to token ids [B].
+A sampler maps log-probabilities [B, V] to token ids [B]. A logits processor maps
+(tokens so far [N], logits [1, V]) to logits [1, V]; the generation loop applies processors in
+order before the sampler.
 """
 
 from __future__ import annotations
@@ -11,41 +13,78 @@ from typing import Any, Callable
 import mlx.core as mx
 
 Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
-_SAMPLERS: dict[str, Callable[..., Sampler]] = {}
+
+class Registry:
+    """Factories by name; `make` checks option names before calling one."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.factories: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def add(factory: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self.factories and self.factories[name].__qualname__ != factory.__qualname__:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self.factories[name] = factory
+            return factory
+
+        return add
+
+    def available(self) -> list[str]:
+        return sorted(self.factories)
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self.factories:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered {self.kind}s: "
+                             f"{', '.join(self.available())}")
+        return self.factories[name]
+
+    def make(self, name: str, **options: Any) -> Any:
+        factory = self.get(name)
+        params = inspect.signature(factory).parameters
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            raise TypeError(f"{self.kind} {name!r} got unknown option(s) {unknown}; "
+                            f"it accepts: {', '.join(params) or 'none'}")
+        return factory(**options)
+
+
+SAMPLERS = Registry("sampler")
+PROCESSORS = Registry("logits processor")
 
 
 def register(name: str) -> Callable[[Callable[..., Sampler]], Callable[..., Sampler]]:
     """Decorator on a factory `f(**options) -> sampler`, available as `name`."""
-
-    def add(factory: Callable[..., Sampler]) -> Callable[..., Sampler]:
-        if name in _SAMPLERS and _SAMPLERS[name].__qualname__ != factory.__qualname__:
-            raise ValueError(f"sampler {name!r} is already registered")
-        _SAMPLERS[name] = factory
-        return factory
-
-    return add
+    return SAMPLERS.register(name)
 
 
 def available() -> list[str]:
     """Names of all registered samplers."""
-    return sorted(_SAMPLERS)
+    return SAMPLERS.available()
 
 
 def get(name: str) -> Callable[..., Sampler]:
-    """The factory registered as `name`."""
-    if name not in _SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; registered samplers: {', '.join(available())}")
-    return _SAMPLERS[name]
+    """The sampler factory registered as `name`."""
+    return SAMPLERS.get(name)
 
 
 def make(name: str, **options: Any) -> Sampler:
-    """Build sampler `name` with `options` (e.g. make("temperature", temp=0.7))."""
-    factory = get(name)
-    params = inspect.signature(factory).parameters
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise TypeError(
-            f"sampler {name!r} got unknown option(s) {unknown}; it accepts: {', '.join(params) or 'none'}"
-        )
-    return factory(**options)
+    """Build sampler `name` with `options` (e.g. make("top_p", top_p=0.9, temp=0.7, seed=0))."""
+    return SAMPLERS.make(name, **options)
+
+
+def register_processor(name: str) -> Callable[[Callable[..., LogitsProcessor]], Callable[..., LogitsProcessor]]:
+    """Decorator on a factory `f(**options) -> logits processor`, available as `name`."""
+    return PROCESSORS.register(name)
+
+
+def available_processors() -> list[str]:
+    """Names of all registered logits processors."""
+    return PROCESSORS.available()
+
+
+def make_processor(name: str, **options: Any) -> LogitsProcessor:
+    """Build logits processor `name` (e.g. make_processor("repetition_penalty", penalty=1.3))."""
+    return PROCESSORS.make(name, **options)

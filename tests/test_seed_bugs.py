@@ -23,7 +23,13 @@ def gpt2_learned(**overrides):
 
 
 def cached_vs_uncached(model, chunks, cache_name="preallocated") -> float:
-    cache = caches.make(cache_name, model)
+    # the cache's own first option set for this model (defaults may not fit: quantized's
+    # group_size 64 needs a head size that is a multiple of 64)
+    examples = caches.get(cache_name).conformance_examples(
+        head_dim=model.config.head_dim, seq_len=len(TOKENS))
+    if not examples:
+        pytest.skip(f"{cache_name} cannot serve a model with head size {model.config.head_dim}")
+    cache = caches.make(cache_name, model, **examples[0])
     return max_abs_diff(cached_logits(model, cache, TOKENS, chunks),
                         reference_logits(model, TOKENS, cache[0].reference))
 

@@ -5,6 +5,8 @@
     cache = caches.make("preallocated", model)
     logits = model(tokens, cache)                     # [B, L, V]
     for token, logprobs in zoo.generate_step(model, prompt, cache="concat"): ...
+    model, tokenizer = zoo.load("stories260K.gguf")      # or an HF folder
+    text = zoo.generate(model, tokenizer, "Once upon a time", max_tokens=50, temp=0.8)
 """
 
 # First, before anything imports mlx.core: load a fast BLAS for MLX's matmuls on Linux CPU
@@ -19,15 +21,27 @@ from .registry import available, build, from_config, make_config, presets, regis
 
 from . import gpt2, llama  # noqa: E402,F401  (register the built-in families)
 from .generate import generate_step  # noqa: E402
+from .loading import load, load_model, save  # noqa: E402
+from .stream import GenerationResponse, generate, stream_generate  # noqa: E402  zoo.generate: the function
+from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf  # noqa: E402
 
 __all__ = [
     "CausalLM",
+    "GenerationResponse",
     "ModelConfig",
     "available",
     "build",
     "from_config",
+    "generate",
     "generate_step",
+    "load",
+    "load_model",
+    "load_tokenizer",
     "make_config",
     "presets",
     "register_family",
+    "save",
+    "stream_generate",
+    "tokenizer_from_gguf",
+    "Tokenizer",
 ]

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 # subcommand -> module providing HELP, add_arguments(parser) and run(args) -> exit status
 COMMANDS = {
     "check": "zoo.check",
+    "generate": "zoo.generate_cli",
     "info": "zoo.info",
     "bench": "zoo.bench",
 }

@@ -1,0 +1,265 @@
+"""A quantized cache: keys and values stored with mx.quantize, attended with mx.quantized_matmul.
+
+Each token's key (and value) vector is split into groups of `group_size` features; each group
+is stored as `bits`-bit integers with one scale and one bias (affine quantization, as
+mlx-lm's QuantizedKVCache). Attention multiplies the queries with the packed keys directly,
+so the cache is never dequantized as a whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import mlx.core as mx
+
+from .attention import Bias
+from .base import Cache
+from .reference import Reference
+from .registry import register
+
+ALLOWED_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode supports (1 is too lossy)
+ALLOWED_GROUP_SIZES = (32, 64, 128)
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def check_quantization(bits: Any, group_size: Any, what: str = "bits") -> None:
+    """Raise ValueError unless (bits, group_size) is something mx.quantize supports."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in ALLOWED_BITS:
+        raise ValueError(f"quantized cache: {what} must be one of {ALLOWED_BITS}, got {bits!r}")
+    if (not isinstance(group_size, int) or isinstance(group_size, bool)
+            or group_size not in ALLOWED_GROUP_SIZES):
+        raise ValueError(
+            f"quantized cache: group_size must be one of {ALLOWED_GROUP_SIZES}, got {group_size!r}"
+        )
+
+
+def check_head_dim(head_dim: int, group_size: int) -> None:
+    """Raise ValueError unless head vectors of `head_dim` split into groups of `group_size`."""
+    if head_dim % group_size:
+        fits = [g for g in ALLOWED_GROUP_SIZES if head_dim % g == 0]
+        allowed = ", ".join(map(str, fits)) if fits else "none (head_dim must be a multiple of 32)"
+        raise ValueError(
+            f"quantized cache: group_size {group_size} does not divide the head size {head_dim}; "
+            f"group sizes that fit this model: {allowed}"
+        )
+
+
+def round_trip(x: mx.array, bits: int, group_size: int) -> mx.array:
+    """x [..., D] quantized and dequantized per group of its last axis: what the cache stores."""
+    packed = mx.quantize(x, group_size=group_size, bits=bits)
+    return mx.dequantize(*packed, group_size=group_size, bits=bits).astype(x.dtype)
+
+
+class QuantizedReference(Reference):
+    """Causal attention over keys and values rounded through quantize/dequantize per token."""
+
+    def __init__(self, bits: int, group_size: int, key_bits: Optional[int] = None,
+                 value_bits: Optional[int] = None) -> None:
+        self.group_size = group_size
+        self.key_bits = bits if key_bits is None else key_bits
+        self.value_bits = bits if value_bits is None else value_bits
+
+    def transform_kv(self, keys, values):
+        return (round_trip(keys, self.key_bits, self.group_size),
+                round_trip(values, self.value_bits, self.group_size))
+
+    def __repr__(self) -> str:
+        return (f"QuantizedReference(key_bits={self.key_bits}, value_bits={self.value_bits}, "
+                f"group_size={self.group_size})")
+
+
+@register("quantized")
+class QuantizedCache(Cache):
+    """Keys and values as `bits`-bit integers with a scale and bias per `group_size` features.
+
+    `key_bits`/`value_bits` (default: `bits`) set the two widths separately. Exact against
+    `QuantizedReference` (the uncached model on rounded keys/values); approximate against the
+    true model, with the drift measured in docs/caches.md.
+    Memory per token and kv head: 2 * (D * bits / 8 + 2 * (D / group_size) * itemsize) bytes
+    (with key/value widths averaged); 4-bit, group 64, fp16: 28% of an fp16 cache.
+    The buffers grow `step` tokens at a time, like `preallocated`.
+    """
+
+    exact = False
+
+    def __init__(self, bits: int = 4, group_size: int = 64, key_bits: Optional[int] = None,
+                 value_bits: Optional[int] = None, step: int = 256) -> None:
+        super().__init__()
+        check_quantization(bits, group_size)
+        key_bits = bits if key_bits is None else key_bits
+        value_bits = bits if value_bits is None else value_bits
+        check_quantization(key_bits, group_size, "key_bits")
+        check_quantization(value_bits, group_size, "value_bits")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"quantized cache: step must be an int >= 1, got {step!r}")
+        self.bits, self.group_size, self.step = bits, group_size, step
+        self.key_bits, self.value_bits = key_bits, value_bits
+        self.reference = QuantizedReference(bits, group_size, key_bits, value_bits)
+        self.keys: Optional[list[mx.array]] = None  # [packed, scales, biases], each [B, H, S, *]
+        self.values: Optional[list[mx.array]] = None
+
+    def check_model(self, model: Any) -> None:
+        check_head_dim(model.config.head_dim, self.group_size)
+
+    def check_update(self, keys, values):
+        super().check_update(keys, values)
+        if keys.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"quantized cache stores float keys and values, got {keys.dtype}")
+        check_head_dim(keys.shape[3], self.group_size)
+        check_head_dim(values.shape[3], self.group_size)
+
+    # -- storage ---------------------------------------------------------------------------
+
+    def update_and_fetch(self, keys, values):
+        """Quantize and append keys/values [B, Hkv, L, D]; return the packed (w, scales,
+        biases) triples of every stored token."""
+        self.check_update(keys, values)
+        prev, L = self.offset, keys.shape[2]
+        new_k = mx.quantize(keys, group_size=self.group_size, bits=self.key_bits)
+        new_v = mx.quantize(values, group_size=self.group_size, bits=self.value_bits)
+        if self.keys is None or prev + L > self.keys[0].shape[2]:
+            self._grow(prev + L, new_k, new_v)
+        for buffer, new in zip(self.keys + self.values, new_k + new_v):
+            buffer[..., prev : prev + L, :] = new
+        self._commit_layout(keys, values)
+        self.offset = prev + L
+        return self._fetch()
+
+    def _fetch(self) -> tuple[tuple, tuple]:
+        n = self.offset
+        return (tuple(a[..., :n, :] for a in self.keys), tuple(a[..., :n, :] for a in self.values))
+
+    def _grow(self, needed: int, new_k, new_v) -> None:
+        slots = (needed + self.step - 1) // self.step * self.step
+
+        def grown(old: Optional[mx.array], like: mx.array) -> mx.array:
+            B, H, _, width = like.shape
+            if old is None:
+                return mx.zeros((B, H, slots, width), like.dtype)
+            extra = mx.zeros((B, H, slots - self.offset, width), like.dtype)
+            return mx.concatenate([old[..., : self.offset, :], extra], axis=2)
+
+        if self.keys is None:
+            self.keys = [grown(None, a) for a in new_k]
+            self.values = [grown(None, a) for a in new_v]
+        else:
+            self.keys = [grown(old, a) for old, a in zip(self.keys, new_k)]
+            self.values = [grown(old, a) for old, a in zip(self.values, new_v)]
+
+    # -- attention -------------------------------------------------------------------------
+
+    def attend(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        *,
+        scale: float,
+        q_positions: mx.array,
+        bias: Optional[Bias] = None,
+    ) -> mx.array:
+        """Store, then softmax(q K^T * scale + bias, masked) V on the packed keys and values."""
+        q_keys, q_values = self.update_and_fetch(keys, values)
+        B, Hq, L, D = queries.shape
+        Hkv = q_keys[0].shape[1]
+        n_rep = Hq // Hkv
+        q = (queries * scale).reshape(B, Hkv, n_rep, L, D)  # query head h = kv head h // n_rep
+        q_keys = tuple(a[:, :, None] for a in q_keys)  # [B, Hkv, 1, S, *]
+        q_values = tuple(a[:, :, None] for a in q_values)
+        scores = mx.quantized_matmul(q, *q_keys, transpose=True, group_size=self.group_size,
+                                     bits=self.key_bits)  # [B, Hkv, n_rep, L, S]
+        S = scores.shape[-1]
+        if L > 1 or bias is not None:
+            k_positions = self.key_positions()
+            mask = self.reference.mask(q_positions, k_positions)  # [L, S] or [B, L, S]
+            if mask.ndim == 3:
+                mask = mask[:, None, None]  # [B, 1, 1, L, S]
+            if bias is not None:
+                additive = bias(q_positions, k_positions)  # [Hq, L, S] or [B, Hq, L, S]
+                if additive is not None:
+                    if additive.ndim >= 3 and additive.shape[-3] == Hq:  # per query head
+                        additive = additive.reshape(*additive.shape[:-3], Hkv, n_rep, L, S)
+                    elif additive.ndim >= 3:  # one head axis of size 1: broadcast it
+                        additive = mx.expand_dims(additive, -3)
+                    scores = scores + additive.astype(scores.dtype)
+            scores = mx.where(mask, scores, mx.array(-float("inf"), scores.dtype))
+        weights = mx.softmax(scores, axis=-1, precise=True)
+        out = mx.quantized_matmul(weights, *q_values, transpose=False,
+                                  group_size=self.group_size, bits=self.value_bits)
+        return out.reshape(B, Hq, L, -1)  # [B, Hkv, n_rep, L, Dv] -> [B, Hq, L, Dv]
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
+        raise NotImplementedError("QuantizedCache attends in attend(); use it with kvzoo models")
+
+    # -- life-cycle ------------------------------------------------------------------------
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return ()
+        keys, values = self._fetch()
+        return keys + values
+
+    @property
+    def meta_state(self):
+        return {"offset": str(self.offset), "bits": str(self.bits),
+                "group_size": str(self.group_size), "key_bits": str(self.key_bits),
+                "value_bits": str(self.value_bits), "step": str(self.step)}
+
+    @classmethod
+    def from_state(cls, state, meta_state):
+        cache = cls(bits=int(meta_state["bits"]), group_size=int(meta_state["group_size"]),
+                    key_bits=int(meta_state["key_bits"]), value_bits=int(meta_state["value_bits"]),
+                    step=int(meta_state.get("step", 256)))
+        if not state:
+            return cache
+        if len(state) != 6 or not all(isinstance(a, mx.array) and a.ndim == 4 for a in state):
+            raise ValueError("quantized cache state must be six 4-d arrays: key and value "
+                             "(packed, scales, biases)")
+        offset = int(meta_state["offset"])
+        dk = state[0].shape[3] * 32 // cache.key_bits
+        dv = state[3].shape[3] * 32 // cache.value_bits
+        expected = [(dk * cache.key_bits // 32, mx.uint32), (dk // cache.group_size, None),
+                    (dk // cache.group_size, None), (dv * cache.value_bits // 32, mx.uint32),
+                    (dv // cache.group_size, None), (dv // cache.group_size, None)]
+        dtype = state[1].dtype
+        for a, (width, want) in zip(state, expected):
+            if a.shape[:3] != state[0].shape[:3] or a.shape[2] != offset or a.shape[3] != width \
+                    or a.dtype != (want or dtype):
+                raise ValueError(f"quantized cache state arrays do not fit offset {offset}, "
+                                 f"bits {cache.key_bits}/{cache.value_bits}, "
+                                 f"group_size {cache.group_size}")
+        cache.keys, cache.values = list(state[:3]), list(state[3:])
+        B, H = state[0].shape[:2]
+        cache._layout = (B, H, dk, dv, dtype)
+        cache.offset = offset
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(a.nbytes for a in self.keys + self.values)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = self._trim_count(n)
+        self.offset -= n
+        return n
+
+    @classmethod
+    def conformance_examples(cls, *, head_dim, seq_len):
+        groups = [g for g in ALLOWED_GROUP_SIZES if head_dim % g == 0]
+        if not groups:
+            return []
+        return [
+            {"bits": 4, "group_size": groups[-1]},
+            {"bits": 8, "group_size": groups[0]},
+            {"group_size": groups[0], "key_bits": 8, "value_bits": 3},
+        ]
+
+    def __repr__(self) -> str:
+        return (f"QuantizedCache(key_bits={self.key_bits}, value_bits={self.value_bits}, "
+                f"group_size={self.group_size}, offset={self.offset})")

@@ -1,0 +1,306 @@
+"""A rotating-window cache: `keep` attention sinks plus the most recent tokens, in a ring buffer.
+
+Slot layout (max_size slots, W = max_size - keep ring slots):
+
+    slots 0 .. keep-1             positions 0 .. keep-1, forever (the sinks)
+    slot keep + (p - keep) % W    position p >= keep, until p + W overwrites it
+
+So where a position lives is arithmetic, and `key_positions()` reports it without tracking
+anything per slot: ALiBi and the window mask stay correct when the ring has wrapped and the
+slots are out of time order (the bug of rolling a cache and forgetting the positions).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import mlx.core as mx
+
+from .attention import Bias, scaled_dot_product_attention
+from .base import Cache
+from .reference import EXACT, Reference
+from .registry import register
+
+
+class WindowReference(Reference):
+    """Sliding-window visibility with sinks: query p sees key s iff s <= p and
+    (s < keep or s > p - (max_size - keep))."""
+
+    causal = False
+
+    def __init__(self, max_size: int, keep: int) -> None:
+        self.max_size = max_size
+        self.keep = keep
+        self.window = max_size - keep
+
+    def mask(self, q_positions: mx.array, k_positions: mx.array) -> mx.array:
+        q = q_positions[..., :, None]
+        k = k_positions[..., None, :]
+        return (k <= q) & ((k < self.keep) | (k > q - self.window))
+
+    def __repr__(self) -> str:
+        return f"WindowReference(max_size={self.max_size}, keep={self.keep})"
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"rotating cache: {name} must be an int >= {low}, got {value!r}")
+
+
+@register("rotating")
+class RotatingCache(Cache):
+    """At most `max_size` tokens: the first `keep` (attention sinks) and the last
+    `max_size - keep` (mlx-lm's RotatingKVCache, exact for every prefill chunking).
+
+    Exact against `WindowReference(max_size, keep)` always, and against the true uncached
+    model while the sequence fits in `max_size` (`exact_for`). Decoding writes one slot in
+    place; a prefill chunk of L tokens attends to sinks + the last W-1 stored tokens + its own
+    L keys (a transient max_size - 1 + L slots), then stores only what the window keeps.
+    Memory: 2 * B * n_kv_heads * min(offset, max_size) * head_dim * itemsize bytes (the buffer
+    grows `step` slots at a time up to max_size, then stays constant however long the run).
+    """
+
+    exact = False  # only while the sequence fits in max_size: see exact_for
+    step = 256
+
+    def __init__(self, max_size: int = 4096, keep: int = 4) -> None:
+        super().__init__()
+        _check_int("max_size", max_size, 1)
+        _check_int("keep", keep, 0)
+        if keep >= max_size:
+            raise ValueError(
+                f"rotating cache: keep ({keep}) must be smaller than max_size ({max_size}), "
+                f"so at least one slot holds recent tokens; allowed keep: 0..{max_size - 1}"
+            )
+        self.max_size = max_size
+        self.keep = keep
+        self.window = max_size - keep  # W: ring slots for the most recent tokens
+        self.reference = WindowReference(max_size, keep)
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        # What the last update_and_fetch returned: None = the stored slots (in slot order), or
+        # (n_sinks, first, prev, L) = positions [0, n_sinks) + [first, prev + L): the sinks, the
+        # window tokens before the chunk, the chunk.
+        self._fetched: Optional[tuple[int, int, int, int]] = None
+
+    @classmethod
+    def exact_for(cls, *, seq_len: int, max_size: int = 4096, keep: int = 4, **_: Any) -> bool:
+        """Exact against the true uncached model while nothing has left the window."""
+        return seq_len <= max_size
+
+    # -- storage ---------------------------------------------------------------------------
+
+    def _slot(self, position: int) -> int:
+        if position < self.keep:
+            return position
+        return self.keep + (position - self.keep) % self.window
+
+    @property
+    def wrapped(self) -> bool:
+        """True once a token has left the window (then slots are out of time order)."""
+        return self.offset > self.max_size
+
+    def _reserve(self, slots: int, keys: mx.array, values: mx.array) -> None:
+        """Make the buffer hold at least `slots` slots (grown by `step`, capped at max_size)."""
+        have = 0 if self.keys is None else self.keys.shape[2]
+        if slots <= have:
+            return
+        size = min(self.max_size, (slots + self.step - 1) // self.step * self.step)
+        B, H, _, Dk = keys.shape
+        new_k = mx.zeros((B, H, size - have, Dk), keys.dtype)
+        new_v = mx.zeros((B, H, size - have, values.shape[3]), values.dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys[..., :have, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :have, :], new_v], axis=2)
+
+    def _write(self, first_position: int, keys: mx.array, values: mx.array) -> None:
+        """Store tokens first_position .. +L-1 ([B, H, L, D]) in their slots; L <= W + keep,
+        and only positions the window keeps (sinks or the last W) may be passed."""
+        position, index, L = first_position, 0, keys.shape[2]
+        while index < L:  # at most three contiguous pieces: sinks, ring end, ring start
+            slot = self._slot(position)
+            end = self.keep if position < self.keep else self.max_size
+            n = min(L - index, end - slot)
+            self.keys[..., slot : slot + n, :] = keys[..., index : index + n, :]
+            self.values[..., slot : slot + n, :] = values[..., index : index + n, :]
+            position, index = position + n, index + n
+
+    def update_and_fetch(self, keys, values):
+        self.check_update(keys, values)
+        prev, L = self.offset, keys.shape[2]
+        if prev + L <= self.max_size or L == 1:
+            # Fits before the wrap, or one decoded token: write in place, return the buffer.
+            self._reserve(min(prev + L, self.max_size), keys, values)
+            self._write(prev, keys, values)
+            fetched = None
+        else:
+            out_k, out_v, fetched = self._chunk_across_wrap(keys, values)
+        self._commit_layout(keys, values)
+        self.offset = prev + L
+        self._fetched = fetched
+        if fetched is not None:
+            return out_k, out_v
+        return self.state
+
+    def _chunk_across_wrap(self, keys, values):
+        """A chunk of L > 1 tokens that crosses max_size.
+
+        Its first query (position prev) must see the sinks and the W-1 tokens before it, so
+        those are returned with all L new keys (the mask does the rest); then only the sinks
+        and the last W tokens are stored.
+        """
+        prev, L = self.offset, keys.shape[2]
+        n_sinks = min(self.keep, prev)
+        first = min(prev, max(self.keep, prev - self.window + 1))  # oldest window token it sees
+        pieces_k, pieces_v = [], []
+        if self.keys is not None:
+            for start, stop in [(0, n_sinks)] * (n_sinks > 0) + self._ring_runs(first, prev):
+                pieces_k.append(self.keys[..., start:stop, :])
+                pieces_v.append(self.values[..., start:stop, :])
+        out_k = mx.concatenate(pieces_k + [keys], axis=2)
+        out_v = mx.concatenate(pieces_v + [values], axis=2)
+
+        # Store: new sinks (positions < keep), then the last W positions of the sequence.
+        end = prev + L
+        self._reserve(self.max_size, keys, values)
+        if prev < self.keep:
+            n = min(self.keep, end) - prev
+            self._write(prev, keys[..., :n, :], values[..., :n, :])
+        tail = max(self.keep, end - self.window, prev)  # first new position the window keeps
+        if tail < end:
+            self._write(tail, keys[..., tail - prev :, :], values[..., tail - prev :, :])
+        return out_k, out_v, (n_sinks, first, prev, L)
+
+    def _ring_runs(self, first: int, stop: int) -> list[tuple[int, int]]:
+        """Slot ranges holding positions first..stop-1 (all in the ring) in time order."""
+        if first >= stop:
+            return []
+        start = self._slot(first)
+        n = stop - first
+        head = min(n, self.max_size - start)
+        runs = [(start, start + head)]
+        if head < n:
+            runs.append((self.keep, self.keep + n - head))
+        return runs
+
+    def key_positions(self) -> mx.array:
+        if self._fetched is not None:
+            n_sinks, first, prev, L = self._fetched
+            return mx.concatenate([
+                mx.arange(n_sinks, dtype=mx.int32),
+                mx.arange(first, prev + L, dtype=mx.int32),  # the kept window, then the chunk
+            ])
+        if not self.wrapped:
+            return mx.arange(self.offset, dtype=mx.int32)
+        # Ring slot keep + r holds the latest position p <= offset-1 with (p - keep) % W == r.
+        last = self.offset - 1
+        r = mx.arange(self.window, dtype=mx.int32)
+        ring = last - (last - self.keep - r) % self.window  # last - keep - r >= 0 once wrapped
+        return mx.concatenate([mx.arange(self.keep, dtype=mx.int32), ring])
+
+    @property
+    def keys_in_order(self) -> bool:
+        if self._fetched is not None:
+            n_sinks, first, _, _ = self._fetched
+            return first == n_sinks  # nothing dropped between the sinks and the window
+        return not self.wrapped
+
+    # -- attention -------------------------------------------------------------------------
+
+    def attend(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        *,
+        scale: float,
+        q_positions: mx.array,
+        bias: Optional[Bias] = None,
+    ) -> mx.array:
+        """As Cache.attend, with the causal fast paths wherever the window hides nothing."""
+        L = queries.shape[2]
+        keys, values = self.update_and_fetch(keys, values)
+        reference, k_positions = self.reference, self.key_positions()
+        if self.offset <= self.max_size:
+            # Every position so far is stored, in order, and no query reaches past the window.
+            reference, k_positions = EXACT, None
+        elif L == 1:
+            # One query over the whole ring: it sees every stored slot; only bias needs positions.
+            if bias is None:
+                return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale)
+            reference = EXACT
+        return scaled_dot_product_attention(
+            queries, keys, values, scale=scale, q_positions=q_positions,
+            k_positions=k_positions, reference=reference, bias=bias,
+        )
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
+        raise NotImplementedError("RotatingCache builds its window mask in attend(); "
+                                  "use it with kvzoo models")
+
+    # -- life-cycle ------------------------------------------------------------------------
+
+    def size(self) -> int:
+        return min(self.offset, self.max_size)
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return ()
+        n = self.size()
+        return self.keys[..., :n, :], self.values[..., :n, :]
+
+    @property
+    def meta_state(self):
+        return {"offset": str(self.offset), "max_size": str(self.max_size), "keep": str(self.keep)}
+
+    @classmethod
+    def from_state(cls, state, meta_state):
+        cache = cls(max_size=int(meta_state["max_size"]), keep=int(meta_state["keep"]))
+        offset = int(meta_state["offset"])
+        if not state:
+            if offset:
+                raise ValueError(f"rotating cache state has no arrays but offset {offset}")
+            return cache
+        keys, values = state
+        cache.check_update(keys, values)
+        if keys.shape[2] != min(offset, cache.max_size):
+            raise ValueError(
+                f"rotating cache state holds {keys.shape[2]} slots; offset {offset} with "
+                f"max_size {cache.max_size} needs {min(offset, cache.max_size)}"
+            )
+        cache.keys, cache.values = keys, values
+        cache._commit_layout(keys, values)
+        cache.offset = offset
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def is_trimmable(self) -> bool:
+        return not self.wrapped
+
+    def _why_not_trimmable(self) -> str:
+        return (f"once it has wrapped: it holds {self.offset} tokens' worth of positions in "
+                f"{self.max_size} slots, so the tokens before the window are gone")
+
+    def trim(self, n: int) -> int:
+        n = self._trim_count(n)
+        self.offset -= n
+        self._fetched = None
+        return n
+
+    @classmethod
+    def conformance_examples(cls, *, head_dim, seq_len):
+        small = max(2, seq_len // 3)  # wraps: seq_len > small
+        return [
+            {"max_size": max(1, seq_len // 3), "keep": 0},
+            {"max_size": small, "keep": min(2, small - 1)},
+            {"max_size": seq_len, "keep": min(4, seq_len - 1)},  # fits: exact vs the true model
+        ]
+
+    def __repr__(self) -> str:
+        return f"RotatingCache(max_size={self.max_size}, keep={self.keep}, offset={self.offset})"

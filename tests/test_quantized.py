@@ -1,0 +1,163 @@
+"""The quantized cache against its oracle: the uncached forward on keys and values rounded
+through mx.quantize/mx.dequantize (QuantizedReference), and its drift from the true model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+import caches
+import zoo
+from caches.quantized import QuantizedCache, QuantizedReference
+
+TOL = 1e-4
+
+
+def feed(model, cache, tokens, chunks):
+    outs, start = [], 0
+    for size in chunks:
+        outs.append(model(mx.array(tokens[start : start + size], dtype=mx.int32)[None], cache)[0])
+        start += size
+    return mx.concatenate(outs, axis=0)
+
+
+def oracle(model, tokens, reference=None):
+    return model(mx.array(tokens, dtype=mx.int32)[None], reference=reference)[0]
+
+
+def tokens_of(n, vocab=96, seed=5):
+    return [(seed + 29 * i * i + 7 * i) % vocab for i in range(n)]
+
+
+@pytest.mark.parametrize("family,scheme,n_kv_heads", [
+    ("llama", "rope", 4), ("llama", "rope", 2), ("llama", "alibi", 1), ("llama", "alibi", 2),
+    ("gpt2", "learned", 4), ("gpt2", "alibi", 4), ("gpt2", "rope", 1),
+])
+@pytest.mark.parametrize("options", [
+    dict(bits=4, group_size=32), dict(bits=2, group_size=32),
+    dict(group_size=32, key_bits=8, value_bits=3),
+])
+def test_exact_against_the_rounded_oracle_for_any_chunking(family, scheme, n_kv_heads, options):
+    model = zoo.build(family, preset="tiny", positional=scheme, n_kv_heads=n_kv_heads, seed=6)
+    tokens = tokens_of(20)
+    reference = caches.make("quantized", model, **options)[0].reference
+    ref = oracle(model, tokens, reference)
+    true = oracle(model, tokens)
+    assert mx.abs(ref - true).max().item() > 1e-3  # the rounding is really there
+    for chunks in ([20], [1] * 20, [6, 1, 9, 4], [2, 17, 1]):
+        cache = caches.make("quantized", model, **options)
+        got = feed(model, cache, tokens, chunks)
+        assert mx.abs(got - ref).max().item() <= TOL, chunks
+
+
+def test_keys_are_read_packed_never_dequantized_whole(monkeypatch):
+    """Attention goes through mx.quantized_matmul on the packed cache."""
+    model = zoo.build("llama", preset="tiny", seed=7)
+    cache = caches.make("quantized", model, bits=4, group_size=32)
+    feed(model, cache, tokens_of(6), [5])
+    calls = []
+    real = mx.quantized_matmul
+
+    def spy(x, w, *args, **kwargs):
+        calls.append(w.shape)
+        return real(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "quantized_matmul", spy)
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **k: pytest.fail("dequantized the cache"))
+    feed(model, cache, tokens_of(7)[-1:], [1])
+    # per layer: scores against the packed keys, then the packed values; 6 tokens stored
+    assert calls == [(1, 2, 1, 6, 32 * 4 // 32)] * 4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_stored_values_are_within_one_quantization_step(bits, group_size):
+    """mx.quantize's affine rounding keeps zero and the group's larger-magnitude end exact,
+    so the far end of a group can be clipped: the error is at most half a step inside the
+    grid, and at most one step (|scale|) anywhere. Checked on what the cache stores."""
+    cache = QuantizedCache(bits=bits, group_size=group_size)
+    x = mx.random.normal((1, 2, 40, 128), key=mx.random.key(bits)) * 3
+    cache.update_and_fetch(x, -x)
+    for (packed, scales, biases), original in ((cache.state[:3], x), (cache.state[3:], -x)):
+        restored = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+        groups = (1, 2, 40, 128 // group_size, group_size)
+        err = mx.abs(original - restored).reshape(groups)
+        step = mx.abs(scales)[..., None]
+        grid_end = biases[..., None] + (2**bits - 1) * scales[..., None]
+        low, high = mx.minimum(biases[..., None], grid_end), mx.maximum(biases[..., None], grid_end)
+        inside = (original.reshape(groups) >= low) & (original.reshape(groups) <= high)
+        slack = 1e-5 * (1 + mx.abs(original).max().item())
+        assert mx.all(err <= step + slack).item()
+        assert mx.all(mx.where(inside, err <= step / 2 + slack, True)).item()
+
+
+def test_drift_from_the_true_model_shrinks_with_more_bits():
+    """The drift is measured, not hidden: more bits, closer to the true model (tiny random
+    llama, head size 64, 48 tokens; numbers for docs/caches.md come from docs/measure_caches.py)."""
+    model = zoo.build("llama", preset="tiny", head_dim=64, seed=8)
+    tokens = tokens_of(48)
+    true = oracle(model, tokens)
+    drift, agree = {}, {}
+    for bits in (2, 4, 8):
+        got = feed(model, caches.make("quantized", model, bits=bits, group_size=64), tokens, [16] + [1] * 32)
+        drift[bits] = mx.abs(got - true).max().item()
+        agree[bits] = (mx.argmax(got, -1) == mx.argmax(true, -1)).mean().item()
+    assert drift[8] < drift[4] < drift[2]
+    assert drift[8] < 0.05 and agree[8] >= 0.95
+    assert agree[2] < 1.0 or drift[2] > 10 * drift[8]
+
+
+def test_4_bit_group_64_takes_at_most_30_percent_of_fp16():
+    keys = mx.random.normal((1, 4, 256, 64), key=mx.random.key(9)).astype(mx.float16)
+    values = mx.random.normal((1, 4, 256, 64), key=mx.random.key(10)).astype(mx.float16)
+    quantized = QuantizedCache(bits=4, group_size=64)
+    quantized.update_and_fetch(keys, values)
+    plain = caches.get("concat")()
+    plain.update_and_fetch(keys, values)
+    assert plain.nbytes == 2 * 4 * 256 * 64 * 2
+    # real bytes held: 256 tokens fill exactly one step of the preallocated buffers
+    assert quantized.nbytes == sum(a.nbytes for a in quantized.state)
+    assert quantized.nbytes == 2 * 4 * 256 * (64 * 4 // 8 + 2 * 2)  # packed + fp16 scale, bias
+    assert quantized.nbytes / plain.nbytes <= 0.30
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(bits=7), r"bits must be one of \(2, 3, 4, 5, 6, 8\), got 7"),
+    (dict(bits=1), r"bits must be one of"),
+    (dict(bits="4"), r"bits must be one of"),
+    (dict(bits=4.0), r"bits must be one of"),
+    (dict(group_size=16), r"group_size must be one of \(32, 64, 128\), got 16"),
+    (dict(group_size=48), r"group_size must be one of"),
+    (dict(key_bits=9), r"key_bits must be one of"),
+    (dict(value_bits=0), r"value_bits must be one of"),
+    (dict(group_size=64), r"group_size 64 does not divide the head size 32.*fit this model: 32"),
+    (dict(group_size=128), r"group_size 128 does not divide the head size 32"),
+])
+def test_bad_options_are_clear_errors_at_construction(options, message):
+    model = zoo.build("llama", preset="tiny")  # head size 32
+    with pytest.raises(ValueError, match=message):
+        caches.make("quantized", model, **options)
+
+
+def test_head_size_no_group_fits_and_direct_use_is_checked():
+    model = zoo.build("llama", preset="tiny", head_dim=8)
+    with pytest.raises(ValueError, match="head size 8.*none"):
+        caches.make("quantized", model, group_size=32)
+    assert QuantizedCache.conformance_examples(head_dim=8, seq_len=10) == []
+    assert all(64 % ex["group_size"] == 0
+               for ex in QuantizedCache.conformance_examples(head_dim=64, seq_len=10))
+    cache = QuantizedCache(bits=4, group_size=64)
+    with pytest.raises(ValueError, match="group_size 64 does not divide the head size 96"):
+        cache.update_and_fetch(mx.zeros((1, 1, 2, 96)), mx.zeros((1, 1, 2, 96)))
+    with pytest.raises(TypeError, match="float"):
+        cache.update_and_fetch(mx.zeros((1, 1, 2, 64), mx.int32), mx.zeros((1, 1, 2, 64), mx.int32))
+    assert cache.offset == 0 and cache.state == ()
+
+
+def test_reference_rounds_each_token_independently():
+    """The oracle's rounding must not depend on which tokens share a forward pass."""
+    ref = QuantizedReference(bits=3, group_size=32)
+    x = mx.random.normal((1, 2, 9, 64), key=mx.random.key(11))
+    whole, _ = ref.transform_kv(x, x)
+    parts = mx.concatenate([ref.transform_kv(x[:, :, i : i + 1], x)[0] for i in range(9)], axis=2)
+    assert mx.array_equal(whole, parts).item()

@@ -1,0 +1,121 @@
+"""`kvzoo generate`: load a checkpoint, stream a reply to stdout, report speed to stderr.
+
+    kvzoo generate --model stories260K.gguf --prompt "Once upon a time" --max-tokens 100
+    kvzoo generate --model my-hf-folder --prompt "Hello" --temp 0.8 --top-p 0.95 --seed 0 \
+        --cache preallocated --cache-opt step=128
+
+Only the reply goes to stdout (so it can be piped); the statistics go to stderr in
+mlx_lm.generate's format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import caches
+import sampling
+
+HELP = "generate text from a checkpoint (HF folder or .gguf), streamed to stdout"
+
+
+def parse_value(text: str) -> Any:
+    """A --cache-opt value: int, float, bool (true/false), None (none/null), else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_cache_options(pairs: list[str]) -> dict[str, Any]:
+    """["max_size=256", "keep=4"] -> {"max_size": 256, "keep": 4}."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--cache-opt needs KEY=VALUE, got {pair!r}")
+        if key.strip() in options:
+            raise ValueError(f"--cache-opt {key.strip()!r} is given twice")
+        options[key.strip()] = parse_value(value)
+    return options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF-style folder (config.json + *.safetensors) or .gguf file")
+    parser.add_argument("--prompt", required=True, help="prompt text ('-' reads it from stdin)")
+    parser.add_argument("--max-tokens", type=int, default=100, help="most tokens to generate (default 100)")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least min-p times the best (0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="CTRL repetition penalty (> 1 discourages repeats)")
+    parser.add_argument("--repetition-context-size", type=int, default=20,
+                        help="how many recent tokens the repetition penalty looks at (default 20)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], metavar="STR",
+                        help="stop before this text (repeat for several)")
+    parser.add_argument("--cache", default="preallocated",
+                        help=f"KV cache: {', '.join(caches.available())} (default preallocated)")
+    parser.add_argument("--cache-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="cache option, e.g. --cache-opt step=128 (repeatable)")
+    parser.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per forward (default 512)")
+    parser.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
+
+
+def run(args: argparse.Namespace) -> int:
+    import zoo
+    from zoo.loading import load
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    cache_options = parse_cache_options(args.cache_opt)
+    # Check the options before the (possibly slow) load; stream_generate checks them all again.
+    unknown = sorted(set(cache_options) - set(caches.options_of(args.cache)))
+    if unknown:
+        raise ValueError(f"cache {args.cache!r} has no option(s) {unknown}; it accepts: "
+                         f"{', '.join(caches.options_of(args.cache)) or 'none'}")
+    sampling.make_sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+    sampling.make_logits_processors(repetition_penalty=args.repetition_penalty,
+                                    repetition_context_size=args.repetition_context_size)
+    model, tokenizer = load(args.model)
+    responses = zoo.stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=args.max_tokens,
+        temp=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size,
+        cache=args.cache,
+        cache_options=cache_options,
+        stop=args.stop or None,
+        prefill_step=args.prefill_step,
+        add_bos=False if args.no_bos else None,
+    )
+    last = None
+    for last in responses:
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if last is None:
+        print("Generation: 0 tokens", file=sys.stderr)
+        return 0
+    print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec", file=sys.stderr)
+    print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec",
+          file=sys.stderr)
+    print(f"Peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
+    print(f"Finish: {last.finish_reason}", file=sys.stderr)
+    return 0

@@ -1,0 +1,311 @@
+"""GGUF files (llama.cpp): check the file, read its llama config, and name its tensors.
+
+`mx.load(path, return_metadata=True)` reads GGUF tensors and metadata, but MLX's reader
+trusts the file: a corrupt header can crash the process. `check_file` walks the header in
+Python first (bounds-checked, nothing but the header is read) so a bad file is a ValueError.
+
+llama.cpp's converter permutes the rows of q/k projections so that consecutive features form
+RoPE pairs (its "interleaved" layout). GGUF models therefore run with `rope_traditional=True`;
+`interleaved_to_halves` turns such rows back into HF's layout (pairs (i, i + D/2)).
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+
+from .checkpoint import CheckpointLayout
+from .config import ModelConfig
+
+MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+# Tensor types kvzoo reads (element size in bytes); every other type is named in the error.
+FLOAT_TYPES = {0: ("F32", 4), 1: ("F16", 2)}
+OTHER_TYPES = {
+    2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
+    12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+}
+
+# Metadata value types: id -> struct format of one scalar (8 = string, 9 = array).
+SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                  10: "<Q", 11: "<q", 12: "<d"}
+STRING, ARRAY = 8, 9
+
+
+class _Header:
+    """A bounds-checked cursor over the bytes of a GGUF file."""
+
+    def __init__(self, data: Any, path: Path):
+        self.data, self.path, self.pos = data, path, 0
+
+    def fail(self, what: str) -> ValueError:
+        return ValueError(
+            f"{self.path} is not a valid GGUF file: {what} (at byte {self.pos} of "
+            f"{len(self.data)}); the file may be truncated or corrupt"
+        )
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self.fail(f"{what} runs past the end of the file")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        start = self.take(struct.calcsize(fmt), what)
+        return struct.unpack_from(fmt, self.data, start)[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", what)
+        start = self.take(n, what)
+        try:
+            return bytes(self.data[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not UTF-8") from None
+
+    def skip_value(self, kind: int, what: str, depth: int = 0) -> Any:
+        """Skip one metadata value; return it when it is a scalar (alignment needs one)."""
+        if kind in SCALAR_FORMATS:
+            return self.scalar(SCALAR_FORMATS[kind], what)
+        if kind == STRING:
+            self.take(self.scalar("<Q", what), what)
+            return None
+        if kind == ARRAY and depth < 2:
+            item_kind = self.scalar("<I", what)
+            count = self.scalar("<Q", what)
+            if item_kind in SCALAR_FORMATS:
+                self.take(count * struct.calcsize(SCALAR_FORMATS[item_kind]), what)
+            elif item_kind in (STRING, ARRAY):
+                if count * 8 > len(self.data) - self.pos:  # each item needs at least 8 bytes
+                    raise self.fail(f"{what} claims {count} items, more than the file holds")
+                for _ in range(count):
+                    self.skip_value(item_kind, what, depth + 1)
+            else:
+                raise self.fail(f"{what} has unknown array item type {item_kind}")
+            return None
+        raise self.fail(f"{what} has unknown value type {kind}")
+
+
+def check_file(path: Path) -> None:
+    """Raise ValueError unless `path` is a well-formed GGUF v2/v3 file with F32/F16 tensors.
+
+    Checks the header, every metadata entry, every tensor's type, and that every tensor's data
+    lies inside the file. Reads only the header.
+    """
+    size = path.stat().st_size
+    if size < 24:
+        raise ValueError(f"{path} is not a valid GGUF file: only {size} bytes (truncated or empty)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        header = _Header(data, path)
+        if bytes(data[:4]) != MAGIC:
+            raise header.fail(f"it starts with {bytes(data[:4])!r}, not the magic {MAGIC!r}")
+        header.pos = 4
+        version = header.scalar("<I", "version")
+        if version not in SUPPORTED_VERSIONS:
+            raise header.fail(f"GGUF version {version} is not supported (supported: 2, 3)")
+        n_tensors = header.scalar("<Q", "tensor count")
+        n_metadata = header.scalar("<Q", "metadata count")
+        if n_tensors * 24 + n_metadata * 12 > size:
+            raise header.fail(f"it claims {n_tensors} tensors and {n_metadata} metadata entries, more than {size} bytes can hold")
+        alignment = DEFAULT_ALIGNMENT
+        for i in range(n_metadata):
+            key = header.string(f"metadata key #{i}")
+            kind = header.scalar("<I", f"type of metadata {key!r}")
+            value = header.skip_value(kind, f"metadata {key!r}")
+            if key == "general.alignment":
+                alignment = value
+                if not isinstance(value, int) or value < 1 or value & (value - 1):
+                    raise header.fail(f"general.alignment must be a power of two, got {value!r}")
+        tensors = []
+        for i in range(n_tensors):
+            name = header.string(f"name of tensor #{i}")
+            n_dims = header.scalar("<I", f"rank of tensor {name!r}")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise header.fail(f"tensor {name!r} has rank {n_dims} (allowed: 1..{MAX_DIMS})")
+            dims = [header.scalar("<Q", f"shape of tensor {name!r}") for _ in range(n_dims)]
+            kind = header.scalar("<I", f"type of tensor {name!r}")
+            offset = header.scalar("<Q", f"offset of tensor {name!r}")
+            if kind not in FLOAT_TYPES:
+                type_name = OTHER_TYPES.get(kind, f"unknown type {kind}")
+                raise ValueError(
+                    f"{path}: tensor {name!r} is stored as {type_name}; kvzoo reads GGUF tensors "
+                    f"stored as F32 or F16 only (convert the model without quantization)"
+                )
+            tensors.append((name, dims, FLOAT_TYPES[kind][1], offset))
+        data_start = -(-header.pos // alignment) * alignment
+        seen = set()
+        for name, dims, itemsize, offset in tensors:
+            if name in seen:
+                raise header.fail(f"tensor {name!r} appears twice")
+            seen.add(name)
+            n_bytes = itemsize
+            for d in dims:
+                n_bytes *= d
+            if offset % alignment or data_start + offset + n_bytes > size:
+                raise ValueError(
+                    f"{path}: the data of tensor {name!r} ({n_bytes} bytes at offset {offset}) "
+                    f"lies outside the file ({size} bytes) or is misaligned; the file is "
+                    f"truncated or corrupt"
+                )
+
+
+def read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """Tensors and metadata of a GGUF file, after `check_file`."""
+    check_file(path)
+    try:
+        return mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read GGUF file: {error}") from None
+
+
+# -- llama config from metadata ------------------------------------------------------------
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+def _value(metadata: dict[str, Any], key: str, default: Any = None, *, required: bool = False) -> Any:
+    if key not in metadata:
+        if required:
+            raise ValueError(f"GGUF metadata is missing {key!r}, which kvzoo needs to build the model")
+        return default
+    value = metadata[key]
+    return value.item() if isinstance(value, mx.array) and value.ndim == 0 else value
+
+
+def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> ModelConfig:
+    """The ModelConfig of a llama-architecture GGUF model (RoPE in llama.cpp's pairing)."""
+    arch = _value(metadata, "general.architecture", required=True)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r}; kvzoo loads: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    p = f"{arch}."
+    if _value(metadata, p + "expert_count", 0):
+        raise ValueError("mixture-of-experts GGUF models (llama.expert_count > 0) are not supported")
+    d_model = int(_value(metadata, p + "embedding_length", required=True))
+    n_heads = int(_value(metadata, p + "attention.head_count", required=True))
+    head_dim = int(_value(metadata, p + "attention.key_length", d_model // max(n_heads, 1)))
+    value_dim = int(_value(metadata, p + "attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise ValueError(f"GGUF key_length {head_dim} != value_length {value_dim} is not supported")
+    rope_dims = int(_value(metadata, p + "rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ValueError(
+            f"GGUF rope.dimension_count is {rope_dims} but heads have {head_dim} features; "
+            f"partial rotary embeddings are not supported"
+        )
+    rope_scale = 1.0
+    scaling = _value(metadata, p + "rope.scaling.type", "none")
+    if scaling == "linear":
+        rope_scale = 1.0 / float(_value(metadata, p + "rope.scaling.factor", required=True))
+    elif scaling != "none":
+        raise ValueError(f"GGUF rope.scaling.type {scaling!r} is not supported (supported: none, linear)")
+    if "token_embd.weight" not in weights:
+        raise ValueError("GGUF file is missing tensor 'token_embd.weight' (the token embedding)")
+    vocab_size = int(weights["token_embd.weight"].shape[0])
+    declared_vocab = _value(metadata, p + "vocab_size")
+    if declared_vocab is not None and int(declared_vocab) != vocab_size:
+        raise ValueError(
+            f"GGUF {p}vocab_size is {declared_vocab} but token_embd.weight has {vocab_size} rows"
+        )
+    output = weights.get("output.weight")
+    tied = output is None or (
+        output.shape == weights["token_embd.weight"].shape
+        and bool(mx.array_equal(output, weights["token_embd.weight"]))
+    )
+    return ModelConfig(
+        family="llama",
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=int(_value(metadata, p + "block_count", required=True)),
+        n_heads=n_heads,
+        n_kv_heads=int(_value(metadata, p + "attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        d_ff=int(_value(metadata, p + "feed_forward_length", required=True)),
+        positional="rope",
+        max_positions=int(_value(metadata, p + "context_length", 2048)),
+        rope_base=float(_value(metadata, p + "rope.freq_base", 10000.0)),
+        rope_traditional=True,
+        rope_scale=rope_scale,
+        norm_eps=float(_value(metadata, p + "attention.layer_norm_rms_epsilon", required=True)),
+        tie_embeddings=tied,
+        attention_bias="blk.0.attn_q.bias" in weights,
+        mlp_bias="blk.0.ffn_up.bias" in weights,
+    )
+
+
+# -- tensor names --------------------------------------------------------------------------
+
+_TOP = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_OUR_BLOCK_NAME = re.compile(r"model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)")
+
+
+class GGUFLlamaLayout(CheckpointLayout):
+    """llama.cpp's tensor names for the llama family (shapes and row order kept as stored)."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+
+    def model_name(self, file_name: str) -> Optional[str]:
+        if file_name == "rope_freqs.weight":
+            raise ValueError(
+                "GGUF tensor 'rope_freqs.weight' (llama3-style RoPE frequency scaling) is not supported"
+            )
+        if file_name == "output.weight" and self.config.tie_embeddings:
+            return None  # identical to token_embd.weight (checked when the config was read)
+        stem, _, kind = file_name.rpartition(".")
+        if stem in _TOP and kind in ("weight", "bias"):
+            return f"{_TOP[stem]}.{kind}"
+        match = _BLOCK_NAME.fullmatch(file_name)
+        if match and match.group(2) in _BLOCK:
+            layer, part, kind = match.groups()
+            return f"model.layers.{layer}.{_BLOCK[part]}.{kind}"
+        return file_name  # not a llama tensor: reported as unexpected under its own name
+
+    def file_name(self, name: str) -> str:
+        for gguf, ours in _TOP.items():
+            if name.startswith(ours + ".") and name.count(".") == ours.count(".") + 1:
+                return gguf + name[len(ours):]
+        match = _OUR_BLOCK_NAME.fullmatch(name)
+        if match:
+            layer, part, kind = match.groups()
+            for gguf, ours in _BLOCK.items():
+                if ours == part:
+                    return f"blk.{layer}.{gguf}.{kind}"
+        return name
+
+
+def interleaved_to_halves(w: mx.array, n_heads: int) -> mx.array:
+    """Reorder q/k projection rows from llama.cpp's RoPE pairing to HF's.
+
+    Per head, rows (2i, 2i+1) form a rotation pair in llama.cpp's layout (rope_traditional=True);
+    in HF's they are rows (i, i + D/2). Undoes llama.cpp's `permute`. w: [n_heads * D, ...].
+    """
+    rest = w.shape[1:]
+    D = w.shape[0] // n_heads
+    return w.reshape(n_heads, D // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,247 @@
+"""GPT-2 byte-level BPE through tiktoken, from HF's vocab.json + merges.txt or a .tiktoken file."""
+
+from __future__ import annotations
+
+import base64
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Optional
+
+import tiktoken
+
+from .tokenizer_base import Tokenizer
+
+# GPT-2's pre-tokenizer (openai/gpt-2 encoder.py; tiktoken's r50k pattern): contractions,
+# letters, digits and punctuation runs each with one optional leading space, then whitespace.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@lru_cache(maxsize=1)
+def gpt2_unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: the printable character standing for each byte.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes map in order to
+    U+0100 upwards, so every byte string is a printable string (as in vocab.json).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list, source: str) -> tuple[dict[bytes, int], dict[str, int]]:
+    """(mergeable ranks, other vocabulary entries) from a byte-level BPE vocabulary and merges.
+
+    tiktoken merges the adjacent pair whose result has the lowest rank and uses the rank as
+    the token id, so this needs the vocabulary's ids to follow the merge order (true of GPT-2:
+    256 bytes, then one token per merge line). Entries that are not bytes or merge results
+    (such as "<|endoftext|>") are returned separately, with their ids.
+    """
+    to_byte = gpt2_unicode_to_byte()
+
+    def as_bytes(token: str) -> bytes:
+        try:
+            return bytes(to_byte[ch] for ch in token)
+        except KeyError as error:
+            raise ValueError(f"{source}: token {token!r} is not in GPT-2's byte-level alphabet") from error
+
+    ranks: dict[bytes, int] = {}
+    for ch, b in to_byte.items():
+        if ch not in vocab:
+            raise ValueError(f"{source} lacks the single-byte token {ch!r} (byte {b})")
+        ranks[bytes([b])] = vocab[ch]
+    merge_ids = []
+    for n, pair in enumerate(merges):
+        pair = pair.split() if isinstance(pair, str) else list(pair)
+        if len(pair) != 2:
+            raise ValueError(f"{source}: merge {n + 1} should be two tokens, got {pair}")
+        merged = pair[0] + pair[1]
+        if merged not in vocab:
+            raise ValueError(f"{source}: merge {n + 1} {pair} makes {merged!r}, which is not in the vocabulary")
+        ranks[as_bytes(merged)] = vocab[merged]
+        merge_ids.append(vocab[merged])
+    if max(ranks[bytes([b])] for b in range(256)) >= min(merge_ids, default=256) or any(
+        x >= y for x, y in zip(merge_ids, merge_ids[1:])
+    ):
+        raise ValueError(f"{source}: token ids do not follow the merge order; "
+                         "tiktoken needs ids = merge priority (as in GPT-2's files)")
+    rank_ids = set(ranks.values())
+    others = {token: i for token, i in vocab.items() if i not in rank_ids}
+    return ranks, others
+
+
+def ranks_from_hf_files(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Ranks and other entries from HF's vocab.json and merges.txt (a "#version" header line,
+    then one "a b" merge per line)."""
+    vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+    lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    return ranks_from_vocab_and_merges(vocab, merges, f"{vocab_path} + {merges_path}")
+
+
+GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+
+
+def ranks_from_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Ranks and other entries (added tokens included) from an HF tokenizer.json, if it is
+    GPT-2's byte-level BPE; anything else (another split pattern, byte fallback, a
+    normaliser) is a ValueError rather than a silently different tokenizer."""
+    data = read_json(path)
+    model = data.get("model") or {}
+    pre = data.get("pre_tokenizer") or {}
+    pre_fields = {k: pre.get(k) for k in GPT2_PRE_TOKENIZER}
+    problems = []
+    if model.get("type") != "BPE":
+        problems.append(f"model type {model.get('type')!r} (need 'BPE')")
+    if pre_fields != GPT2_PRE_TOKENIZER:
+        problems.append(f"pre_tokenizer {pre.get('type')!r} (need GPT-2's ByteLevel with its regex)")
+    if data.get("normalizer") is not None:
+        problems.append("a normalizer")
+    if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        problems.append("byte_fallback / subword prefixes")
+    if problems:
+        raise ValueError(f"{path} is not GPT-2 byte-level BPE, which is all kvzoo reads from tokenizer.json: "
+                         f"it has {', '.join(problems)}")
+    ranks, others = ranks_from_vocab_and_merges(model.get("vocab") or {}, model.get("merges") or [], str(path))
+    for entry in data.get("added_tokens") or []:
+        others[entry["content"]] = int(entry["id"])
+    return ranks, others
+
+
+def ranks_from_tiktoken_file(path: Path) -> dict[bytes, int]:
+    """Mergeable ranks from a .tiktoken file: one `base64(token bytes) rank` line per token."""
+    ranks = {}
+    for n, line in enumerate(Path(path).read_bytes().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except Exception as error:
+            raise ValueError(f"{path}: line {n + 1} is not `base64 rank`: {line[:60]!r}") from error
+    return ranks
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (GPT-2 style) encoded and decoded by tiktoken."""
+
+    def __init__(
+        self,
+        ranks: dict[bytes, int],
+        special_tokens: Optional[dict[str, int]] = None,
+        *,
+        bos_token: Optional[str] = None,
+        eos_tokens: Iterable[str] = (),
+        add_bos: bool = False,
+        pattern: str = GPT2_SPLIT_PATTERN,
+        name: str = "gpt2",
+    ):
+        special_tokens = dict(special_tokens or {})
+        clash = sorted(set(special_tokens.values()) & set(ranks.values()))
+        if clash:
+            raise ValueError(f"special token ids {clash[:5]} collide with ordinary token ids")
+        for token in [bos_token, *eos_tokens]:
+            if token is not None and token not in special_tokens:
+                raise ValueError(f"{token!r} is named as BOS/EOS but is not a special token "
+                                 f"(special tokens: {sorted(special_tokens)})")
+        self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+                                          special_tokens=special_tokens)
+        self.special_tokens = special_tokens
+        self.vocab_size = self.encoding.n_vocab
+        self.bos_id = special_tokens[bos_token] if bos_token is not None else None
+        self.eos_ids = frozenset(special_tokens[t] for t in eos_tokens)
+        self.add_bos = add_bos
+        self._valid = frozenset(ranks.values()) | frozenset(special_tokens.values())
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def _encode_special(self, text: str) -> list[int]:
+        return self.encoding.encode(text, allowed_special="all", disallowed_special=())
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.encoding.decode(self.check_ids(ids), errors="replace")
+
+    def check_id(self, token) -> int:
+        token = super().check_id(token)
+        if token not in self._valid:  # a hole in the id range
+            raise ValueError(f"token id {token} has no bytes in this vocabulary")
+        return token
+
+
+def special_tokens_from_hf(folder: Path, others: dict[str, int], first_free_id: int) -> tuple[dict[str, int], dict]:
+    """Special tokens named by an HF folder's special_tokens_map.json / tokenizer_config.json.
+
+    Ids come from `added_tokens_decoder`, then `others` (vocab.json entries outside the merges),
+    then the next free ids after the ordinary tokens. Returns (text -> id, the roles
+    {"bos_token": ..., "eos_token": ...}).
+    """
+    config = read_json(folder / "tokenizer_config.json")
+    special_map = read_json(folder / "special_tokens_map.json")
+    roles = {}
+    for source in (config, special_map):
+        for role in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = source.get(role)
+            if isinstance(value, dict):  # {"content": "<|endoftext|>", ...}
+                value = value.get("content")
+            if isinstance(value, str):
+                roles[role] = value
+    ids = dict(others)
+    for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and "content" in entry:
+            ids[entry["content"]] = int(key)
+    extra = [t for t in special_map.get("additional_special_tokens", []) if isinstance(t, str)]
+    specials = {}
+    next_id = first_free_id
+    for token in [*dict.fromkeys([*roles.values(), *extra, *others])]:
+        if token not in ids:
+            ids[token] = next_id
+            next_id += 1
+        specials[token] = ids[token]
+    return specials, roles
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path` ({} if the file is absent; ValueError if it is not JSON)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    return data if isinstance(data, dict) else {}
+
+
+def load_bpe(folder: Path, tiktoken_file: Optional[Path] = None) -> BPETokenizer:
+    """A byte-level BPE tokenizer from an HF folder (vocab.json + merges.txt, else
+    tokenizer.json) or a .tiktoken file."""
+    folder = Path(folder)
+    if tiktoken_file is None and (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        ranks, others = ranks_from_hf_files(folder / "vocab.json", folder / "merges.txt")
+    elif tiktoken_file is None:
+        ranks, others = ranks_from_tokenizer_json(folder / "tokenizer.json")
+    else:
+        ranks, others = ranks_from_tiktoken_file(tiktoken_file), {}
+        vocab_path = folder / "vocab.json"
+        if vocab_path.exists():  # ids of special tokens, if the HF vocabulary is beside it
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            rank_ids = set(ranks.values())
+            others = {t: i for t, i in vocab.items() if i not in rank_ids}
+    specials, roles = special_tokens_from_hf(folder, others, first_free_id=max(ranks.values()) + 1)
+    config = read_json(folder / "tokenizer_config.json")
+    eos = [roles["eos_token"]] if "eos_token" in roles else []
+    return BPETokenizer(
+        ranks,
+        specials,
+        bos_token=roles.get("bos_token"),
+        eos_tokens=eos,
+        add_bos=bool(config.get("add_bos_token", False)),
+    )

@@ -1,0 +1,76 @@
+"""Tokenizers from the files beside a checkpoint, or from a GGUF file's metadata. No network.
+
+    tok = load_tokenizer(Path("my-model"))   # tokenizer.model, vocab.json + merges.txt, or *.tiktoken
+    tok = tokenizer_from_gguf(metadata)      # mx.load("m.gguf", return_metadata=True)[1]
+
+Every tokenizer implements `Tokenizer` (tokenizer_base.py): encode, decode, bos_id, eos_ids,
+vocab_size and a streaming detokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .tokenizer_base import StreamingDetokenizer, Tokenizer
+from .tokenizer_bpe import BPETokenizer, load_bpe, read_json
+from .tokenizer_gguf import GGUFTokenizer, tokenizer_from_gguf
+from .tokenizer_spm import SentencePieceTokenizer, load_sentencepiece
+
+__all__ = [
+    "BPETokenizer",
+    "GGUFTokenizer",
+    "SentencePieceTokenizer",
+    "StreamingDetokenizer",
+    "Tokenizer",
+    "load_tokenizer",
+    "tokenizer_from_gguf",
+]
+
+LOOKED_FOR = ("tokenizer.model (SentencePiece), vocab.json + merges.txt or tokenizer.json (GPT-2 byte-level "
+              "BPE), or a *.tiktoken file")
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer stored in `folder`, chosen by the files present.
+
+    tokenizer.model -> SentencePiece; vocab.json + merges.txt, else tokenizer.json (GPT-2
+    byte-level BPE only) -> byte-level BPE; *.tiktoken -> byte-level BPE from tiktoken ranks. Special tokens and BOS/EOS come from
+    tokenizer_config.json / special_tokens_map.json; extra EOS ids from generation_config.json
+    or config.json (`eos_token_id`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+    config = read_json(folder / "tokenizer_config.json")
+    extra_eos = _eos_ids(folder)
+    if (folder / "tokenizer.model").exists():
+        add_bos = config.get("add_bos_token")
+        return load_sentencepiece(folder / "tokenizer.model", add_bos=None if add_bos is None else bool(add_bos),
+                                  extra_eos_ids=extra_eos)
+    if ((folder / "vocab.json").exists() and (folder / "merges.txt").exists()) or (folder / "tokenizer.json").exists():
+        tokenizer = load_bpe(folder)
+    else:
+        tiktoken_files = sorted(folder.glob("*.tiktoken"))
+        if len(tiktoken_files) > 1:
+            raise ValueError(f"{folder} holds several .tiktoken files ({[p.name for p in tiktoken_files]}); "
+                             "keep one")
+        if not tiktoken_files:
+            present = sorted(p.name for p in folder.iterdir())[:20]
+            raise FileNotFoundError(f"no tokenizer found in {folder}: looked for {LOOKED_FOR}; "
+                                    f"the folder holds {present}")
+        tokenizer = load_bpe(folder, tiktoken_files[0])
+    valid = [i for i in extra_eos if 0 <= i < tokenizer.vocab_size]
+    tokenizer.eos_ids = frozenset(tokenizer.eos_ids | set(valid))
+    return tokenizer
+
+
+def _eos_ids(folder: Path) -> list[int]:
+    """eos_token_id from generation_config.json / config.json (an int or a list)."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        value = read_json(folder / name).get("eos_token_id")
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool):
+                ids.append(i)
+    return ids
+
