@@ -13,6 +13,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+# One BLAS for the whole in-process suite, chosen here rather than by whichever test module
+# happens to import mlx first: MLX's bundled one unless KVZOO_BLAS says otherwise. The fast
+# path (OpenBLAS) is tested in fresh interpreters by tests/test_blas.py. Under OpenBLAS the
+# quantized cache's rounded oracle can differ by one quantization step where a key sits on a
+# rounding boundary (docs/performance.md, "BLAS and exactness").
+os.environ.setdefault("KVZOO_BLAS", "off")
+import zoo  # noqa: E402,F401  (before any test imports mlx: applies the choice above)
+
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -84,7 +84,7 @@ NO_CACHE = "none"  # recompute the whole prefix at every step
 CONFIGS = {
     # name: (family, full preset, quick preset, quick overrides: mlx-lm's GPT-2 needs
     # head_dim * n_heads == d_model and d_ff == 4 * d_model)
-    "gpt2": ("gpt2", "124m", "tiny", {"head_dim": 16, "d_ff": 256}),
+    "gpt2": ("gpt2", "124m", "tiny", {"d_model": 128, "head_dim": 32, "d_ff": 512}),
     "llama": ("llama", "small", "tiny", {}),
 }
 
@@ -347,11 +347,23 @@ def bench_config(config: str, settings: Settings, selected: Optional[list[str]],
     prompt = _random_tokens(settings.prompt, cfg.vocab_size, settings.seed + 1)
     weight_bytes = weight_bytes_per_token(model)
     limit = limit_gbs * 1e9 / weight_bytes
-    rows = []
+    rows, skipped = [], []
     entries = [(c.cache, c.options(cfg, settings), c.mlx_lm_name,
                 lambda c=c: c.mlx_lm(cfg, settings)) for c in _counterparts(selected)]
     if selected is None or NO_CACHE in selected:
         entries.append((NO_CACHE, {}, "no cache", None))
+    usable = []
+    for entry in entries:
+        name, options = entry[0], entry[1]
+        try:
+            kvzoo_side(model, name, options).make_cache()
+        except (ValueError, TypeError) as error:  # e.g. a group size that does not fit the heads
+            skipped.append({"cache": name, "options": options, "reason": str(error)})
+            progress.step(f"{config} {name} skipped", 2 * settings.repeats
+                          + len(settings.contexts) * settings.sweep_repeats)
+            continue
+        usable.append(entry)
+    entries = usable
     for name, options, lm_name, factory in entries:
         ours, theirs = kvzoo_side(model, name, options), mlx_lm_side(twin, factory)
         label = f"{config} {name}"
@@ -376,7 +388,7 @@ def bench_config(config: str, settings: Settings, selected: Optional[list[str]],
     return {
         "family": cfg.family, "config": cfg.to_dict(), "params": model.n_params,
         "weight_bytes_per_token": weight_bytes, "limit_tokens_per_s": limit,
-        "results": rows, "sweep": sweep,
+        "results": rows, "sweep": sweep, "skipped": skipped,
     }
 
 
@@ -559,7 +571,9 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{p['tokens_per_s']['kvzoo']:>10.1f} /{p['tokens_per_s']['mlx_lm']:>9.1f}{p['ratio']:>7.2f}"
                 f"{d['tokens_per_s']['kvzoo']:>10.2f} /{d['tokens_per_s']['mlx_lm']:>9.2f}{d['ratio']:>7.2f}"
                 f"{frac['kvzoo']:>7.0%} /{frac['mlx_lm']:>5.0%}")
-        lines.append(f"context sweep: decode tok/s kvzoo / mlx-lm (ratio), cache MB kvzoo / mlx-lm")
+        for row in result.get("skipped", []):
+            lines.append(f"{row['cache']:<14}skipped: {row['reason']}")
+        lines.append("context sweep: decode tok/s kvzoo / mlx-lm (ratio), cache MB kvzoo / mlx-lm")
         contexts = sorted({p["context"] for p in result["sweep"]})
         lines.append(f"{'cache':<14}" + "".join(f"{c:>26}" for c in contexts))
         for name in dict.fromkeys(p["cache"] for p in result["sweep"]):

@@ -1,0 +1,80 @@
+"""`kvzoo bench` runs end to end and writes the report it promises. Never a timed assertion:
+speeds are only checked to be measured (positive, finite), not to be fast."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import caches
+from zoo import bench
+from zoo.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    assert cli(["bench", "--smoke", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    report["_out"] = out
+    return report
+
+
+def expected_caches() -> list[str]:
+    registered = set(caches.available())
+    return [c.cache for c in bench.COUNTERPARTS if c.cache in registered] + [bench.NO_CACHE]
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_every_registered_cache_is_timed_on_both_sides(report):
+    assert set(report["configs"]) == {"gpt2", "llama"}
+    for config in report["configs"].values():
+        rows = {row["cache"]: row for row in config["results"]}
+        assert list(rows) == expected_caches()
+        for row in rows.values():
+            for phase in ("prefill", "decode"):
+                speeds = row[phase]["tokens_per_s"]
+                assert positive(speeds["kvzoo"]) and positive(speeds["mlx_lm"])
+                assert row[phase]["ratio"] == pytest.approx(speeds["kvzoo"] / speeds["mlx_lm"])
+            assert positive(row["decode"]["fraction_of_limit"]["kvzoo"])
+        assert rows["preallocated"]["mlx_lm"] == "KVCache"
+        assert positive(config["limit_tokens_per_s"]) and positive(config["weight_bytes_per_token"])
+
+
+def test_the_sweep_covers_every_cache_and_context(report):
+    contexts = report["settings"]["contexts"]
+    for config in report["configs"].values():
+        points = {(p["cache"], p["context"]): p for p in config["sweep"]}
+        for name in expected_caches():
+            for context in contexts:
+                point = points[(name, context)]
+                assert positive(point["tokens_per_s"]["kvzoo"]) and positive(point["tokens_per_s"]["mlx_lm"])
+        for context in contexts:  # exact caches hold what mlx-lm's hold, byte for byte
+            for name in ("concat", "preallocated"):
+                nbytes = points[(name, context)]["nbytes"]
+                assert nbytes["kvzoo"] == nbytes["mlx_lm"] > 0
+
+
+def test_the_report_names_the_machine_and_blas(report):
+    blas = report["machine"]["blas"]
+    assert {"fast", "library", "how", "bound", "mlx_sgemm_gflops"} <= set(blas)
+    assert positive(report["bandwidth"]["bandwidth_gbs"])
+    assert report["settings"]["dtype"] == "float32"
+    pytest.importorskip("matplotlib")
+    assert (report["_out"] / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "gpt3"], "unknown config"),
+    (["--caches", "nope"], "unknown cache"),
+    (["--repeats", "0"], "--repeats"),
+    (["--dtype", "int8"], "unknown dtype"),
+])
+def test_bad_arguments_are_clear_errors(argv, message, capsys):
+    assert cli(["bench", "--smoke", "--no-progress", *argv]) == 2
+    assert message in capsys.readouterr().err
