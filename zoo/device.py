@@ -1,10 +1,10 @@
 """What runs fastest where: the default dtype per MLX device, chosen by measurement.
 
-On MLX's Linux CPU backend half precision is no win for decode: every fp16/bf16 matmul is
-converted to fp32 around a BLAS call or done by MLX's own scalar loops, while fp32 goes straight
-to the BLAS. Measured on a 2-core x86_64 (docs/performance.md, "Half precision"): GPT-2 124M
-and a Llama-style ~100M decode in fp16 at 0.3-0.4x and bf16 at 0.6-1.0x the fp32 speed, and
-prefill much slower still. So the CPU default is float32. On a GPU (Metal or CUDA) the kernels
+On MLX's Linux CPU backend half precision is no win: fp32 matmuls go to the BLAS (OpenBLAS
+with zoo/blas.py), fp16/bf16 ones to MLX's own loops. Measured on a 2-core x86_64 with OpenBLAS
+(docs/performance.md, "Half precision"): GPT-2 124M and the Llama-style ~100M model decode in
+fp16 at 0.17-0.18x and bf16 at 0.44-0.45x the fp32 speed, and prefill at 0.06-0.08x. So the CPU
+default is float32. On a GPU (Metal or CUDA) the kernels
 are native in half precision and weights are half the bytes to read per token, so float16 is the
 default there (not measured on this project's machines: no GPU was lent).
 """
