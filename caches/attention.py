@@ -41,7 +41,7 @@ def scaled_dot_product_attention(
                 return mx.fast.scaled_dot_product_attention(
                     queries, keys, values, scale=scale, mask="causal"
                 )
-            return _fast_sdpa(queries, keys, values, scale, None)  # one query sees every key
+            return fast_sdpa(queries, keys, values, scale=scale)  # one query sees every key
         k_positions = mx.arange(keys.shape[-2], dtype=mx.int32)
     mask = reference.mask(q_positions, k_positions)  # bool [Lq, Lk] or [B, Lq, Lk]
     if mask.ndim == 3:
@@ -51,12 +51,19 @@ def scaled_dot_product_attention(
         if additive is not None:
             floor = mx.array(-float("inf"), dtype=queries.dtype)
             mask = mx.where(mask, additive.astype(queries.dtype), floor)
-    return _fast_sdpa(queries, keys, values, scale, mask)
+    return fast_sdpa(queries, keys, values, scale=scale, mask=mask)
 
 
-def _fast_sdpa(queries, keys, values, scale, mask):
-    """mx.fast.scaled_dot_product_attention, with grouped query heads folded into rows for a
-    single query on the CPU.
+def fast_sdpa(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    scale: float,
+    mask: Optional[mx.array] = None,
+) -> mx.array:
+    """mx.fast.scaled_dot_product_attention (same arguments, same result), with grouped query
+    heads folded into rows for a single query on the CPU.
 
     MLX's CPU backend has no fused attention kernel. Its fallback serves grouped-query attention
     by broadcasting each key/value head against its n_rep query heads: n_rep * Hkv matrix

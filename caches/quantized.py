@@ -164,10 +164,17 @@ class QuantizedCache(Cache):
         Hkv = q_keys[0].shape[1]
         n_rep = Hq // Hkv
         q = (queries * scale).reshape(B, Hkv, n_rep, L, D)  # query head h = kv head h // n_rep
-        q_keys = tuple(a[:, :, None] for a in q_keys)  # [B, Hkv, 1, S, *]
-        q_values = tuple(a[:, :, None] for a in q_values)
-        scores = mx.quantized_matmul(q, *q_keys, transpose=True, group_size=self.group_size,
-                                     bits=self.key_bits)  # [B, Hkv, n_rep, L, S]
+        if L == 1:
+            # One query: a kv head's n_rep query heads are n_rep rows of one product, so each
+            # packed key is read once instead of broadcast n_rep times (same arithmetic).
+            scores = mx.quantized_matmul(q[..., 0, :], *q_keys, transpose=True,
+                                         group_size=self.group_size,
+                                         bits=self.key_bits)[..., None, :]  # [B, Hkv, n_rep, 1, S]
+        else:
+            q_keys = tuple(a[:, :, None] for a in q_keys)  # [B, Hkv, 1, S, *]
+            q_values = tuple(a[:, :, None] for a in q_values)
+            scores = mx.quantized_matmul(q, *q_keys, transpose=True, group_size=self.group_size,
+                                         bits=self.key_bits)  # [B, Hkv, n_rep, L, S]
         S = scores.shape[-1]
         if L > 1 or bias is not None:
             k_positions = self.key_positions()
@@ -184,9 +191,11 @@ class QuantizedCache(Cache):
                     scores = scores + additive.astype(scores.dtype)
             scores = mx.where(mask, scores, mx.array(-float("inf"), scores.dtype))
         weights = mx.softmax(scores, axis=-1, precise=True)
+        if L == 1:
+            weights = weights[..., 0, :]  # [B, Hkv, n_rep, S]: rows again
         out = mx.quantized_matmul(weights, *q_values, transpose=False,
                                   group_size=self.group_size, bits=self.value_bits)
-        return out.reshape(B, Hq, L, -1)  # [B, Hkv, n_rep, L, Dv] -> [B, Hq, L, Dv]
+        return out.reshape(B, Hq, L, -1)  # [B, Hkv, n_rep, (L,) Dv] -> [B, Hq, L, Dv]
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
         raise NotImplementedError("QuantizedCache attends in attend(); use it with kvzoo models")

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .attention import Bias, scaled_dot_product_attention
+from .attention import Bias, fast_sdpa, scaled_dot_product_attention
 from .base import Cache
 from .reference import EXACT, Reference
 from .registry import register
@@ -229,7 +229,7 @@ class RotatingCache(Cache):
         elif L == 1:
             # One query over the whole ring: it sees every stored slot; only bias needs positions.
             if bias is None:
-                return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale)
+                return fast_sdpa(queries, keys, values, scale=scale)
             reference = EXACT
         return scaled_dot_product_attention(
             queries, keys, values, scale=scale, q_positions=q_positions,

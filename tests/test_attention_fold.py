@@ -1,5 +1,5 @@
 """The CPU decode path folds grouped query heads into rows of one product per key/value head
-(caches.attention._fast_sdpa). Oracle: mx.fast.scaled_dot_product_attention on the unfolded
+(caches.attention.fast_sdpa). Oracle: mx.fast.scaled_dot_product_attention on the unfolded
 heads, which MLX computes by broadcasting each key/value head over its query heads."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from caches.attention import _fast_sdpa
+from caches.attention import fast_sdpa
 
 
 def unfolded(q, k, v, scale, mask):
@@ -33,7 +33,7 @@ def test_folded_heads_match_broadcast_heads(Hq, Hkv, mask_kind):
     else:
         bias = mx.random.normal((Hq, 1, S), key=keys[4])  # ALiBi-like: one row per query head
         mask = mx.where(visible[0, 0], bias, -float("inf"))  # [Hq, 1, S]
-    got = _fast_sdpa(q, k, v, 0.25, mask)
+    got = fast_sdpa(q, k, v, scale=0.25, mask=mask)
     want = unfolded(q, k, v, 0.25, mask)
     assert got.shape == (B, Hq, 1, D + 8)
     assert mx.abs(got - want).max().item() <= 1e-6
@@ -42,5 +42,5 @@ def test_folded_heads_match_broadcast_heads(Hq, Hkv, mask_kind):
 def test_more_than_one_query_is_not_folded():
     q = mx.random.normal((1, 4, 3, 8), key=mx.random.key(0))
     k = mx.random.normal((1, 2, 5, 8), key=mx.random.key(1))
-    got = _fast_sdpa(q, k, k, 0.5, None)
+    got = fast_sdpa(q, k, k, scale=0.5)
     assert mx.array_equal(got, unfolded(q, k, k, 0.5, None))

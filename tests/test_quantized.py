@@ -65,8 +65,9 @@ def test_keys_are_read_packed_never_dequantized_whole(monkeypatch):
     monkeypatch.setattr(mx, "quantized_matmul", spy)
     monkeypatch.setattr(mx, "dequantize", lambda *a, **k: pytest.fail("dequantized the cache"))
     feed(model, cache, tokens_of(7)[-1:], [1])
-    # per layer: scores against the packed keys, then the packed values; 6 tokens stored
-    assert calls == [(1, 2, 1, 6, 32 * 4 // 32)] * 4
+    # per layer: scores against the packed keys, then the packed values; 6 tokens stored.
+    # One query: the kv heads' packed arrays [B, Hkv, S, D*bits/32] are used as stored.
+    assert calls == [(1, 2, 6, 32 * 4 // 32)] * 4
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
