@@ -222,7 +222,6 @@ class RotatingCache(Cache):
         """As Cache.attend, with the causal fast paths wherever the window hides nothing."""
         L = queries.shape[2]
         keys, values = self.update_and_fetch(keys, values)
-        reference, k_positions = self.reference, self.key_positions()
         if self.offset <= self.max_size:
             # Every position so far is stored, in order, and no query reaches past the window.
             reference, k_positions = EXACT, None
@@ -230,7 +229,9 @@ class RotatingCache(Cache):
             # One query over the whole ring: it sees every stored slot; only bias needs positions.
             if bias is None:
                 return fast_sdpa(queries, keys, values, scale=scale)
-            reference = EXACT
+            reference, k_positions = EXACT, self.key_positions()
+        else:
+            reference, k_positions = self.reference, self.key_positions()
         return scaled_dot_product_attention(
             queries, keys, values, scale=scale, q_positions=q_positions,
             k_positions=k_positions, reference=reference, bias=bias,
