@@ -326,7 +326,7 @@ def _build_models(config: str, settings: Settings):
 
     family, preset, quick_preset, quick_overrides = CONFIGS[config]
     overrides = dict(quick_overrides) if settings.quick else {}
-    longest = max(settings.contexts + (settings.prompt,)) + max(settings.decode, settings.sweep_decode) + 2
+    longest = max(tuple(settings.contexts) + (settings.prompt,)) + max(settings.decode, settings.sweep_decode) + 2
     if family == "gpt2":  # learned positions: a table long enough for the sweep
         overrides["max_positions"] = max(1024, longest)
     elif settings.quick:
@@ -475,6 +475,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (the device default, float32 on CPU), float32, float16, bfloat16")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (median)")
     parser.add_argument("--contexts", default=None, help="comma-separated sweep contexts")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the context sweep")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: seconds
 
@@ -503,6 +504,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--contexts must be comma-separated ints, got {args.contexts!r}") from None
         if min(settings.contexts) < 1:
             raise ValueError("--contexts must be positive")
+    if args.no_sweep:
+        settings.contexts = ()
     configs = _csv(args.configs)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -535,9 +538,11 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps(report, indent=2, default=str))
-        written = plot(report, args.out / "bench.png")
-        print(f"\nwrote {args.out / 'bench.json'}" + (f" and {written}" if written else
-              " (no plot: pip install 'kvzoo[bench]' for matplotlib)"))
+        has_sweep = any(r["sweep"] for r in report["configs"].values())
+        written = plot(report, args.out / "bench.png") if has_sweep else None
+        print(f"\nwrote {args.out / 'bench.json'}" + (
+            f" and {written}" if written else " (no sweep, no plot)" if not has_sweep
+            else " (no plot: pip install 'kvzoo[bench]' for matplotlib)"))
     return 0
 
 
@@ -573,6 +578,8 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{frac['kvzoo']:>7.0%} /{frac['mlx_lm']:>5.0%}")
         for row in result.get("skipped", []):
             lines.append(f"{row['cache']:<14}skipped: {row['reason']}")
+        if not result["sweep"]:
+            continue
         lines.append("context sweep: decode tok/s kvzoo / mlx-lm (ratio), cache MB kvzoo / mlx-lm")
         contexts = sorted({p["context"] for p in result["sweep"]})
         lines.append(f"{'cache':<14}" + "".join(f"{c:>26}" for c in contexts))
