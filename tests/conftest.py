@@ -24,6 +24,12 @@ import zoo  # noqa: E402,F401  (before any test imports mlx: applies the choice 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+
+
+def pytest_report_header(config) -> str:
+    return f"kvzoo BLAS: {zoo.blas.choice().describe()}"
+
+
 settings.register_profile(
     "kvzoo",
     derandomize=True,  # the same examples on every run: CI is deterministic in time
