@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 from conftest import ROOT, require_asset
 
@@ -71,6 +72,22 @@ def test_every_cache_and_option_prints_the_same_greedy_reply(capsys, gguf, greed
         assert (status, out) == (0, greedy_text + "\n"), extra
 
 
+def test_dtype_auto_is_float32_on_cpu_and_can_be_chosen(capsys, gguf, greedy_text, monkeypatch):
+    import zoo.loading
+
+    loaded = []
+    real_load = zoo.loading.load
+    monkeypatch.setattr(zoo.loading, "load", lambda path, dtype=None: loaded.append(dtype) or real_load(path, dtype=dtype))
+    for choice in ("auto", "float32", "stored"):  # the GGUF stores float32: one greedy reply
+        status, out, _ = generate(capsys, "--model", gguf, "--prompt", OPENING, "--max-tokens", str(N),
+                                  "--dtype", choice)
+        assert (status, out) == (0, greedy_text + "\n"), choice
+    status, out, _ = generate(capsys, "--model", gguf, "--prompt", OPENING, "--max-tokens", "8",
+                              "--dtype", "bfloat16")
+    assert status == 0 and out.strip()
+    assert loaded == [mx.float32, mx.float32, None, mx.bfloat16]  # auto: float32 on the CPU
+
+
 def test_stop_string_cuts_the_reply(capsys, gguf, greedy_text):
     assert "." in greedy_text
     status, out, err = generate(capsys, "--model", gguf, "--prompt", OPENING, "--max-tokens", str(N),
@@ -100,6 +117,14 @@ def test_bad_options_are_reported_without_output(capsys, gguf, extra, message):
     status, out, err = generate(capsys, "--model", gguf, "--prompt", OPENING, *extra)
     assert status == 2 and out == ""
     assert message in err
+
+
+def test_an_unknown_dtype_is_refused_by_the_parser(capsys, gguf):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", gguf, "--prompt", OPENING, "--dtype", "int8"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert "invalid choice: 'int8'" in err and "float32" in err
 
 
 def test_missing_model_is_reported(capsys, tmp_path):

@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="cache option, e.g. --cache-opt step=128 (repeatable)")
     parser.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per forward (default 512)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "stored", "float32", "float16", "bfloat16"],
+                        help="weights and activations: auto = fastest on this device by measurement "
+                             "(float32 on CPU, float16 on GPU; docs/performance.md), stored = as in the "
+                             "checkpoint (default auto)")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
 
 
@@ -85,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
     sampling.make_sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed)
     sampling.make_logits_processors(repetition_penalty=args.repetition_penalty,
                                     repetition_context_size=args.repetition_context_size)
-    model, tokenizer = load(args.model)
+    from zoo.device import parse_dtype
+
+    dtype = None if args.dtype == "stored" else parse_dtype(args.dtype)
+    model, tokenizer = load(args.model, dtype=dtype)
     responses = zoo.stream_generate(
         model,
         tokenizer,
