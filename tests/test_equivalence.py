@@ -31,6 +31,8 @@ from equivalence import (
 HEAD_DIMS = [8, 16, 32, 64]
 MAX_PROMPT = 20
 MAX_DECODE = 8
+# Llama 3 frequency scaling with an original context short enough to bend these sequences.
+LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
 
 
 def caches_under_test() -> list[str]:
@@ -73,7 +75,8 @@ def scenarios(draw):
         config=dict(positional=scheme, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
                     n_layers=draw(st.integers(1, 3)), d_model=draw(st.sampled_from([16, 32, 48])),
                     vocab_size=draw(st.integers(8, 80)), d_ff=48, max_positions=64, init_std=0.1,
-                    tie_embeddings=draw(st.booleans())),
+                    tie_embeddings=draw(st.booleans()),
+                    rope_scaling=draw(st.sampled_from([None, LLAMA3_ROPE])) if scheme == "rope" else None),
         cache=cache_name,
         options=draw(st.sampled_from(examples)),
         prompt_len=prompt_len,

@@ -32,6 +32,8 @@ CASES = {
     "llama-mqa-tied-bias-scaled": ("llama", dict(n_kv_heads=1, d_ff=48, head_dim=16, attention_bias=True,
                                                  mlp_bias=True, rope_base=5000.0, rope_scale=0.5)),
     "llama-traditional-rope": ("llama", dict(n_kv_heads=2, d_ff=48, rope_traditional=True)),
+    "llama-llama3-rope": ("llama", dict(n_kv_heads=2, d_ff=48, head_dim=16, rope_scaling=dict(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))),
 }
 
 

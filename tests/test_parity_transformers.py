@@ -31,6 +31,13 @@ CASES = {
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, head_dim=16, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
         rope_theta=5000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, max_position_embeddings=128)),
+    # Llama 3.1+ RoPE: with a 32-token original context, the 8 frequency pairs of a 16-wide head
+    # fall in all three bands (kept, interpolated, divided by the factor).
+    "llama-llama3-rope": ("llama", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
 }
 
 

@@ -7,12 +7,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import positional
 from conftest import require_module
 from positional.alibi import ALiBi, alibi_slopes
 from positional.learned import LearnedPositional
 from positional.rope import RoPE
+import zoo
 
 
 @pytest.mark.parametrize("n_heads", [1, 2, 3, 4, 6, 8, 12, 16, 20, 32])
@@ -100,6 +102,52 @@ def test_rope_matches_hf_llama_rotary_embedding():
     want, _ = apply_rotary_pos_emb(x, x, cos, sin)
     got, _ = RoPE(D).rotate(mx.array(x.numpy()), mx.array(x.numpy()), mx.arange(offset, offset + L))
     assert np.allclose(np.array(got), want.numpy(), atol=1e-5)
+
+
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("offset", [0, 300])
+def test_llama3_rope_matches_hf_llama_rotary_embedding(offset):
+    torch = require_module("torch")
+    require_module("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    D, L = 32, 6  # 16 pairs: wavelengths 6.3 .. 35000 span the kept, smoothed and scaled bands
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, head_dim=D, rope_theta=10000.0,
+                         max_position_embeddings=1024, rope_scaling={"rope_type": "llama3", **LLAMA3})
+    x = torch.randn(1, 4, L, D, generator=torch.Generator().manual_seed(offset))
+    cos, sin = LlamaRotaryEmbedding(config)(x, torch.arange(offset, offset + L)[None])
+    want, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    positions = mx.arange(offset, offset + L)
+    got, _ = RoPE(D, llama3=LLAMA3).rotate(mx.array(x.numpy()), mx.array(x.numpy()), positions)
+    assert np.allclose(np.array(got), want.numpy(), atol=1e-4)  # fp32 angles near 300 rad: ~3e-5
+    plain, _ = RoPE(D).rotate(mx.array(x.numpy()), mx.array(x.numpy()), positions)
+    if offset:  # the scaling matters: unscaled RoPE is far off
+        assert np.abs(np.array(plain) - want.numpy()).max() > 0.1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"factor": 0}, "factor must be a positive number"),
+    ({"low_freq_factor": 4.0}, "low_freq_factor < high_freq_factor"),
+    ({"original_max_position_embeddings": 8.5}, "whole number"),
+    ({"beta_fast": 32}, "unexpected \\['beta_fast'\\]"),
+    ({"factor": None}, "factor must be a positive number"),
+])
+def test_llama3_rope_options_are_checked(change, message):
+    with pytest.raises(ValueError, match=message):
+        RoPE(16, llama3={**LLAMA3, **change})
+    with pytest.raises(ValueError, match="missing \\['factor'\\]"):
+        RoPE(16, llama3={k: v for k, v in LLAMA3.items() if k != "factor"})
+
+
+def test_llama3_scaling_lives_in_the_config_and_needs_rope():
+    model = zoo.build("llama", preset="tiny", rope_scaling=LLAMA3)
+    assert model.config.rope_scaling == LLAMA3
+    assert not any("freq" in name for name, _ in tree_flatten(model.parameters()))  # derived, not a weight
+    with pytest.raises(ValueError, match="needs positional='rope'"):
+        zoo.build("llama", preset="tiny", positional="alibi", rope_scaling=LLAMA3)
 
 
 def test_learned_adds_the_row_of_each_absolute_position():

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
 import positional
+from positional.rope import llama3_scaling
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,9 @@ class ModelConfig:
 
     `n_kv_heads` < `n_heads` gives grouped-query attention (1 gives multi-query).
     `head_dim` defaults to d_model // n_heads. `max_positions` bounds learned positions only.
-    `rope_scale` multiplies positions (linear scaling: 1 / factor).
+    `rope_scale` multiplies positions (linear scaling: 1 / factor). `rope_scaling` is Llama 3's
+    per-frequency scaling: {factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings} (positional.rope.llama3_scaling), or None.
     """
 
     family: str
@@ -30,6 +33,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     rope_traditional: bool = False
     rope_scale: float = 1.0
+    rope_scaling: Optional[dict[str, Any]] = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     attention_bias: bool = False
@@ -65,6 +69,10 @@ class ModelConfig:
         positional.get(self.positional)  # unknown scheme -> ValueError listing the registered ones
         if self.positional == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            if self.positional != "rope":
+                raise ValueError(f"rope_scaling (llama3) needs positional='rope', got {self.positional!r}")
+            object.__setattr__(self, "rope_scaling", llama3_scaling(self.rope_scaling))
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("norm_eps and init_std must be positive")
 

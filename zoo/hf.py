@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from positional.rope import llama3_scaling
 
 from .checkpoint import CheckpointLayout
 from .config import ModelConfig
@@ -107,21 +108,23 @@ class GPT2Layout(CheckpointLayout):
 # -- Llama ---------------------------------------------------------------------------------
 
 
-def _rope_scale(hf: dict[str, Any]) -> tuple[float, float]:
-    """(rope_theta, position scale) from either `rope_parameters` (transformers >= 5) or
-    the older `rope_theta` + `rope_scaling`."""
+def _rope_scale(hf: dict[str, Any]) -> tuple[float, float, Optional[dict[str, Any]]]:
+    """(rope_theta, position scale, llama3 scaling or None) from either `rope_parameters`
+    (transformers >= 5) or the older `rope_theta` + `rope_scaling`."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or params
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return theta, 1.0
+        return theta, 1.0, None
     if kind == "linear":
         factor = scaling.get("factor")
         _require(isinstance(factor, (int, float)) and factor > 0,
                  f"linear rope scaling needs a positive 'factor', got {factor!r}")
-        return theta, 1.0 / float(factor)
-    raise ValueError(f"llama rope scaling type {kind!r} is not supported (supported: default, linear)")
+        return theta, 1.0 / float(factor), None
+    if kind == "llama3":
+        return theta, 1.0, llama3_scaling(scaling)
+    raise ValueError(f"llama rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def llama_config(hf: dict[str, Any]) -> ModelConfig:
@@ -130,7 +133,7 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
     _require(activation == "silu", f"llama hidden_act {activation!r} is not supported (supported: silu)")
     n_heads = int(_field(hf, "num_attention_heads", "llama"))
     d_model = int(_field(hf, "hidden_size", "llama"))
-    rope_base, rope_scale = _rope_scale(hf)
+    rope_base, rope_scale, rope_scaling = _rope_scale(hf)
     return ModelConfig(
         family="llama",
         vocab_size=int(_field(hf, "vocab_size", "llama")),
@@ -145,6 +148,7 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
         rope_base=rope_base,
         rope_traditional=bool(hf.get("rope_traditional", False)),  # mlx-lm's extension
         rope_scale=rope_scale,
+        rope_scaling=rope_scaling,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
@@ -164,6 +168,10 @@ def llama_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.rope_scale != 1.0:
         scaling = {"type": "linear", "rope_type": "linear", "factor": 1.0 / cfg.rope_scale}
         params = {"rope_type": "linear", "rope_theta": cfg.rope_base, "factor": 1.0 / cfg.rope_scale}
+    if cfg.rope_scaling is not None:
+        _require(cfg.rope_scale == 1.0, "HF llama cannot combine linear and llama3 rope scaling")
+        scaling = {"rope_type": "llama3", **cfg.rope_scaling}
+        params = {"rope_theta": cfg.rope_base, **scaling}
     return dict(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
