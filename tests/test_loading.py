@@ -56,6 +56,8 @@ def write_folder(folder, config: dict, weights: dict) -> None:
     ("llama", {}),
     ("llama", {"tie_embeddings": True, "attention_bias": True, "mlp_bias": True, "n_kv_heads": 1}),
     ("llama", {"rope_base": 5000.0, "rope_scale": 0.5, "head_dim": 16}),
+    ("llama", {"head_dim": 16, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 32}}),
 ])
 def test_save_then_load_gives_the_same_model(tmp_path, family, overrides):
     model = tiny(family, **overrides)
@@ -198,7 +200,10 @@ def test_missing_config_field_is_named(saved, family, field):
 
 
 @pytest.mark.parametrize("family,change,message", [
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None}, "'llama3' is not supported"),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None},
+     r"llama3 rope scaling needs exactly .*missing \['low_freq_factor'"),
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters": None},
+     "'dynamic' is not supported .*default, linear, llama3"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "rope_scaling": None}, "'yarn' is not supported"),
     ("llama", {"rope_scaling": {"type": "linear"}, "rope_parameters": None}, "positive 'factor'"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
