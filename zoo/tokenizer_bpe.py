@@ -1,9 +1,12 @@
-"""GPT-2 byte-level BPE through tiktoken, from HF's vocab.json + merges.txt or a .tiktoken file."""
+"""Byte-level BPE through tiktoken: GPT-2's from HF's vocab.json + merges.txt or a .tiktoken
+file, and GPT-2, Llama 3 or Qwen2-style ones from an HF tokenizer.json."""
 
 from __future__ import annotations
 
 import base64
 import json
+import unicodedata
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional
@@ -84,33 +87,85 @@ def ranks_from_hf_files(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes
     return ranks_from_vocab_and_merges(vocab, merges, f"{vocab_path} + {merges_path}")
 
 
-GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+@dataclass
+class TokenizerJson:
+    """What kvzoo takes from an HF tokenizer.json holding a byte-level BPE."""
+
+    ranks: dict[bytes, int]  # token bytes -> id (= merge priority)
+    others: dict[str, int]  # added tokens and vocabulary entries outside the merges -> id
+    pattern: str  # the pre-tokenizer's split regex
+    nfc: bool  # a Unicode NFC normalizer runs first (Qwen2-style)
+    bos_token: Optional[str]  # the special token the post-processor puts first (Llama 3-style)
 
 
-def ranks_from_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
-    """Ranks and other entries (added tokens included) from an HF tokenizer.json, if it is
-    GPT-2's byte-level BPE; anything else (another split pattern, byte fallback, a
-    normaliser) is a ValueError rather than a silently different tokenizer."""
+def _byte_level(step: dict, use_regex: bool) -> bool:
+    return (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
+            and bool(step.get("use_regex", True)) == use_regex)
+
+
+def _split_pattern(pre: dict) -> Optional[str]:
+    """The split regex of a byte-level pre-tokenizer kvzoo reproduces exactly, or None.
+
+    GPT-2: ByteLevel with its built-in regex. Llama 3, Qwen2 and other tiktoken-style
+    tokenizers: Sequence[Split(Regex, Isolated), ByteLevel without regex].
+    """
+    if _byte_level(pre, use_regex=True):
+        return GPT2_SPLIT_PATTERN
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    regex = (split.get("pattern") or {}).get("Regex") if split.get("type") == "Split" else None
+    if regex and split.get("behavior") == "Isolated" and not split.get("invert") and _byte_level(byte_level, False):
+        return regex
+    return None
+
+
+def _template_bos(post: Optional[dict]) -> Optional[str]:
+    """The special token a TemplateProcessing post-processor puts before a single sequence."""
+    if not post:
+        return None
+    processors = (post.get("processors") or []) if post.get("type") == "Sequence" else [post]
+    for processor in processors:
+        if processor.get("type") == "TemplateProcessing":
+            single = processor.get("single") or []
+            first = single[0] if single else {}
+            if "SpecialToken" in first:
+                return first["SpecialToken"]["id"]
+    return None
+
+
+def read_tokenizer_json(path: Path) -> TokenizerJson:
+    """A byte-level BPE tokenizer.json (GPT-2, Llama 3, Qwen2 style) as tiktoken needs it.
+
+    Anything kvzoo would not reproduce exactly (another model type or pre-tokenizer, byte
+    fallback, a normalizer other than NFC, a decoder other than ByteLevel) is a ValueError
+    naming it, rather than a silently different tokenizer.
+    """
     data = read_json(path)
     model = data.get("model") or {}
     pre = data.get("pre_tokenizer") or {}
-    pre_fields = {k: pre.get(k) for k in GPT2_PRE_TOKENIZER}
+    normalizer = data.get("normalizer")
+    pattern = _split_pattern(pre)
     problems = []
     if model.get("type") != "BPE":
         problems.append(f"model type {model.get('type')!r} (need 'BPE')")
-    if pre_fields != GPT2_PRE_TOKENIZER:
-        problems.append(f"pre_tokenizer {pre.get('type')!r} (need GPT-2's ByteLevel with its regex)")
-    if data.get("normalizer") is not None:
-        problems.append("a normalizer")
+    if pattern is None:
+        problems.append(f"pre_tokenizer {pre.get('type')!r} (need ByteLevel with GPT-2's regex, or "
+                        "Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)])")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        problems.append(f"normalizer {normalizer.get('type')!r} (only NFC or none)")
+    if (data.get("decoder") or {}).get("type", "ByteLevel") != "ByteLevel":
+        problems.append(f"decoder {data['decoder'].get('type')!r} (need ByteLevel)")
     if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         problems.append("byte_fallback / subword prefixes")
     if problems:
-        raise ValueError(f"{path} is not GPT-2 byte-level BPE, which is all kvzoo reads from tokenizer.json: "
-                         f"it has {', '.join(problems)}")
+        raise ValueError(f"{path} is not a byte-level BPE kvzoo reproduces exactly: it has {', '.join(problems)}")
     ranks, others = ranks_from_vocab_and_merges(model.get("vocab") or {}, model.get("merges") or [], str(path))
     for entry in data.get("added_tokens") or []:
         others[entry["content"]] = int(entry["id"])
-    return ranks, others
+    return TokenizerJson(ranks, others, pattern, nfc=normalizer is not None,
+                         bos_token=_template_bos(data.get("post_processor")))
 
 
 def ranks_from_tiktoken_file(path: Path) -> dict[bytes, int]:
@@ -128,7 +183,8 @@ def ranks_from_tiktoken_file(path: Path) -> dict[bytes, int]:
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE (GPT-2 style) encoded and decoded by tiktoken."""
+    """Byte-level BPE encoded and decoded by tiktoken; `pattern` is the pre-tokenizer's split
+    regex (GPT-2's by default)."""
 
     def __init__(
         self,
@@ -139,6 +195,7 @@ class BPETokenizer(Tokenizer):
         eos_tokens: Iterable[str] = (),
         add_bos: bool = False,
         pattern: str = GPT2_SPLIT_PATTERN,
+        nfc: bool = False,
         name: str = "gpt2",
     ):
         special_tokens = dict(special_tokens or {})
@@ -156,13 +213,17 @@ class BPETokenizer(Tokenizer):
         self.bos_id = special_tokens[bos_token] if bos_token is not None else None
         self.eos_ids = frozenset(special_tokens[t] for t in eos_tokens)
         self.add_bos = add_bos
+        self.nfc = nfc  # normalise text to Unicode NFC before splitting (the tokenizer's normalizer)
         self._valid = frozenset(ranks.values()) | frozenset(special_tokens.values())
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
+        return self.encoding.encode_ordinary(self._normalize(text))
 
     def _encode_special(self, text: str) -> list[int]:
-        return self.encoding.encode(text, allowed_special="all", disallowed_special=())
+        return self.encoding.encode(self._normalize(text), allowed_special="all", disallowed_special=())
+
+    def _normalize(self, text: str) -> str:
+        return unicodedata.normalize("NFC", text) if self.nfc else text
 
     def token_bytes(self, token: int) -> bytes:
         return self.encoding.decode_single_token_bytes(token)
@@ -224,10 +285,13 @@ def load_bpe(folder: Path, tiktoken_file: Optional[Path] = None) -> BPETokenizer
     """A byte-level BPE tokenizer from an HF folder (vocab.json + merges.txt, else
     tokenizer.json) or a .tiktoken file."""
     folder = Path(folder)
+    pattern, nfc, template_bos = GPT2_SPLIT_PATTERN, False, None
     if tiktoken_file is None and (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         ranks, others = ranks_from_hf_files(folder / "vocab.json", folder / "merges.txt")
     elif tiktoken_file is None:
-        ranks, others = ranks_from_tokenizer_json(folder / "tokenizer.json")
+        parsed = read_tokenizer_json(folder / "tokenizer.json")
+        ranks, others, pattern, nfc, template_bos = (parsed.ranks, parsed.others, parsed.pattern,
+                                                     parsed.nfc, parsed.bos_token)
     else:
         ranks, others = ranks_from_tiktoken_file(tiktoken_file), {}
         vocab_path = folder / "vocab.json"
@@ -238,10 +302,10 @@ def load_bpe(folder: Path, tiktoken_file: Optional[Path] = None) -> BPETokenizer
     specials, roles = special_tokens_from_hf(folder, others, first_free_id=max(ranks.values()) + 1)
     config = read_json(folder / "tokenizer_config.json")
     eos = [roles["eos_token"]] if "eos_token" in roles else []
-    return BPETokenizer(
-        ranks,
-        specials,
-        bos_token=roles.get("bos_token"),
-        eos_tokens=eos,
-        add_bos=bool(config.get("add_bos_token", False)),
-    )
+    # BOS: tokenizer_config's add_bos_token, else a post-processor that puts a token first
+    # (Llama 3's tokenizer.json adds <|begin_of_text|> that way).
+    bos, add_bos = roles.get("bos_token"), bool(config.get("add_bos_token", False))
+    if template_bos is not None and "add_bos_token" not in config:
+        bos, add_bos = template_bos, True
+    return BPETokenizer(ranks, specials, bos_token=bos, eos_tokens=eos, add_bos=add_bos,
+                        pattern=pattern, nfc=nfc)

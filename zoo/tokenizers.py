@@ -26,15 +26,16 @@ __all__ = [
     "tokenizer_from_gguf",
 ]
 
-LOOKED_FOR = ("tokenizer.model (SentencePiece), vocab.json + merges.txt or tokenizer.json (GPT-2 byte-level "
+LOOKED_FOR = ("tokenizer.model (SentencePiece), vocab.json + merges.txt or tokenizer.json (byte-level "
               "BPE), or a *.tiktoken file")
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
     """The tokenizer stored in `folder`, chosen by the files present.
 
-    tokenizer.model -> SentencePiece; vocab.json + merges.txt, else tokenizer.json (GPT-2
-    byte-level BPE only) -> byte-level BPE; *.tiktoken -> byte-level BPE from tiktoken ranks. Special tokens and BOS/EOS come from
+    tokenizer.model -> SentencePiece; vocab.json + merges.txt, else tokenizer.json (byte-level
+    BPE: GPT-2, Llama 3, Qwen2 style) -> byte-level BPE; *.tiktoken -> byte-level BPE from
+    tiktoken ranks. Special tokens and BOS/EOS come from
     tokenizer_config.json / special_tokens_map.json; extra EOS ids from generation_config.json
     or config.json (`eos_token_id`).
     """
