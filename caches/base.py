@@ -51,6 +51,12 @@ class Cache:
         """Absolute position (int32) of every key `update_and_fetch` returned, same order."""
         return mx.arange(self.offset, dtype=mx.int32)
 
+    def stored_kv(self) -> Optional[tuple[mx.array, mx.array]]:
+        """Keys and values [B, Hkv, offset, D] as attention reads them, in position order, for
+        caches whose reference rounds (the conformance kit's check of what was stored); None
+        where a strategy does not provide it."""
+        return None
+
     @property
     def keys_in_order(self) -> bool:
         """True when the fetched keys are exactly positions 0..offset-1, in order."""

@@ -59,9 +59,35 @@ class QuantizedReference(Reference):
         self.key_bits = bits if key_bits is None else key_bits
         self.value_bits = bits if value_bits is None else value_bits
 
+    rounds = True
+
     def transform_kv(self, keys, values):
         return (round_trip(keys, self.key_bits, self.group_size),
                 round_trip(values, self.value_bits, self.group_size))
+
+    def rounding_flips(self, computed, stored):
+        """Stored values must be this rounding of the computed ones, except values exactly one
+        quantization step away whose computed value sat on a rounding boundary (within 1% of a
+        step of the midpoint between two levels), where float noise picks the level."""
+        flips = 0
+        for name, x, kept, bits in (("keys", computed[0], stored[0], self.key_bits),
+                                    ("values", computed[1], stored[1], self.value_bits)):
+            _, scales, biases = mx.quantize(x, group_size=self.group_size, bits=bits)
+            scale = mx.repeat(scales, self.group_size, axis=-1).astype(mx.float32)  # [..., D]; may be < 0
+            bias = mx.repeat(biases, self.group_size, axis=-1).astype(mx.float32)
+            step = mx.abs(scale)
+            level = (x.astype(mx.float32) - bias) / mx.where(step > 0, scale, 1.0)  # continuous level
+            on_boundary = mx.abs(level - mx.floor(level) - 0.5) <= 0.01
+            diff = mx.abs(kept.astype(mx.float32) - round_trip(x, bits, self.group_size).astype(mx.float32))
+            slack = 1e-3 * step + 1e-7
+            off = diff > slack
+            explained = off & (mx.abs(diff - step) <= slack) & on_boundary
+            n_off, n_explained = off.sum().item(), explained.sum().item()
+            if n_off > n_explained:
+                return 0, (f"{n_off - n_explained} of {x.size} stored {name} differ from the rounded oracle "
+                           f"by other than a one-step flip on a rounding boundary")
+            flips += n_explained
+        return flips, None
 
     def __repr__(self) -> str:
         return (f"QuantizedReference(key_bits={self.key_bits}, value_bits={self.value_bits}, "
@@ -124,6 +150,15 @@ class QuantizedCache(Cache):
         self._commit_layout(keys, values)
         self.offset = prev + L
         return self._fetch()
+
+    def stored_kv(self) -> Optional[tuple[mx.array, mx.array]]:
+        """Keys and values as attention reads them: dequantized, [B, Hkv, offset, D]."""
+        if self.keys is None:
+            return None
+        (kw, ks, kb), (vw, vs, vb) = self._fetch()
+        keys = mx.dequantize(kw, ks, kb, group_size=self.group_size, bits=self.key_bits)
+        values = mx.dequantize(vw, vs, vb, group_size=self.group_size, bits=self.value_bits)
+        return keys.astype(ks.dtype), values.astype(vs.dtype)
 
     def _fetch(self) -> tuple[tuple, tuple]:
         n = self.offset

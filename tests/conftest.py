@@ -13,13 +13,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-# One BLAS for the whole in-process suite, chosen here rather than by whichever test module
-# happens to import mlx first: MLX's bundled one unless KVZOO_BLAS says otherwise. The fast
-# path (OpenBLAS) is tested in fresh interpreters by tests/test_blas.py. Under OpenBLAS the
-# quantized cache's rounded oracle can differ by one quantization step where a key sits on a
-# rounding boundary (docs/performance.md, "BLAS and exactness").
-os.environ.setdefault("KVZOO_BLAS", "off")
-import zoo  # noqa: E402,F401  (before any test imports mlx: applies the choice above)
+# The BLAS is chosen once per process, before mlx.core is imported, so `zoo` is imported here,
+# ahead of every test module: the suite runs on what `import zoo` picks (the system OpenBLAS
+# when there is one, which CI installs; KVZOO_BLAS=off for MLX's own). tests/test_blas.py reruns
+# the property test on the other one in a fresh interpreter.
+import zoo  # noqa: E402,F401  (before any test imports mlx)
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -8,7 +8,9 @@ import pytest
 
 import caches
 import zoo
-from caches.quantized import QuantizedCache, QuantizedReference
+from caches import conformance
+from caches.quantized import QuantizedCache, QuantizedReference, round_trip
+from equivalence import reference_gap
 
 TOL = 1e-4
 
@@ -47,7 +49,63 @@ def test_exact_against_the_rounded_oracle_for_any_chunking(family, scheme, n_kv_
     for chunks in ([20], [1] * 20, [6, 1, 9, 4], [2, 17, 1]):
         cache = caches.make("quantized", model, **options)
         got = feed(model, cache, tokens, chunks)
-        assert mx.abs(got - ref).max().item() <= TOL, chunks
+        assert reference_gap(model, cache, tokens, got).diff <= TOL, chunks
+
+
+def boundary_case():
+    """Keys [1, 1, 2, 32] (two tokens, one group each) with one interior value placed exactly
+    midway between two 8-bit levels, and the group's scale and bias."""
+    x = mx.random.normal((1, 1, 2, 32), key=mx.random.key(3))
+    _, scales, biases = mx.quantize(x, group_size=32, bits=8)
+    scale, bias = scales[0, 0, 1, 0].item(), biases[0, 0, 1, 0].item()
+    row = x[0, 0, 1]
+    i = next(j for j in range(32) if j not in (mx.argmin(row).item(), mx.argmax(row).item()))
+    level = (row[i].item() - bias) / scale
+    x[0, 0, 1, i] = bias + (int(level) + 0.5) * scale  # min and max unchanged: same grid
+    return x, i, scale
+
+
+def test_rounding_flips_accepts_only_one_step_on_a_boundary():
+    reference = QuantizedReference(8, 32)
+    x, i, scale = boundary_case()
+    values = mx.zeros_like(x)
+    stored = round_trip(x, 8, 32)
+    assert reference.rounding_flips((x, values), (stored, round_trip(values, 8, 32))) == (0, None)
+
+    def moved(j, steps):
+        out = mx.array(stored)
+        rounded = out[0, 0, 1, j].item()
+        other = rounded + steps * abs(scale) * (1 if x[0, 0, 1, j].item() > rounded else -1)
+        out[0, 0, 1, j] = other
+        return out
+
+    # The boundary value stored at the other neighbouring level: one flip, explained.
+    assert reference.rounding_flips((x, values), (moved(i, 1), values)) == (1, None)
+    # Two steps away, or one step away from a value that is not on a boundary: not explained.
+    flips, problem = reference.rounding_flips((x, values), (moved(i, 2), values))
+    assert flips == 0 and "other than a one-step flip" in problem
+    flips, problem = reference.rounding_flips((x, values), (moved((i + 1) % 32, 1), values))
+    assert flips == 0 and "other than a one-step flip" in problem
+
+
+class MislabelledQuantizedCache(QuantizedCache):
+    """Stores 6-bit keys while declaring the 8-bit reference: close, but not what it claims."""
+
+    def __init__(self, **options):
+        super().__init__(bits=8, group_size=32)
+        self.key_bits = 6
+
+
+def test_the_kit_explains_boundary_flips_but_not_a_wrong_rounding():
+    model = zoo.build("llama", preset="tiny", n_kv_heads=2, seed=6)
+    tokens = tokens_of(20)
+    report = conformance.check(model, lambda: [MislabelledQuantizedCache() for _ in model.layers],
+                               tokens[:14], chunks=[5, 1, 8], decode=6)
+    assert not report.ok and report.max_abs_diff > TOL
+    assert report.problem and "stored keys differ from the rounded oracle" in report.problem
+    good = conformance.check(model, lambda: caches.make("quantized", model, bits=8, group_size=32),
+                             tokens[:14], chunks=[5, 1, 8], decode=6)
+    assert good.ok and good.problem is None and good.exact_diff <= TOL
 
 
 def test_keys_are_read_packed_never_dequantized_whole(monkeypatch):
