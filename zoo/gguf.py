@@ -4,6 +4,11 @@
 trusts the file: a corrupt header can crash the process. `check_file` walks the header in
 Python first (bounds-checked, nothing but the header is read) so a bad file is a ValueError.
 
+Tensor types: F32, F16, BF16, and the block-quantized Q8_0, Q4_0 and Q4_1 (32 values per
+block), which are dequantized to float32 at load exactly as llama.cpp dequantizes them; the
+model then runs unquantized. BF16 is read here rather than by MLX, whose GGUF reader turns it
+into float16 (bf16's range does not fit: large values become inf).
+
 llama.cpp's converter permutes the rows of q/k projections so that consecutive features form
 RoPE pairs (its "interleaved" layout). GGUF models therefore run with `rope_traditional=True`;
 `interleaved_to_halves` turns such rows back into HF's layout (pairs (i, i + D/2)).
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from .checkpoint import CheckpointLayout
 from .config import ModelConfig
@@ -27,14 +33,18 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 
-# Tensor types kvzoo reads (element size in bytes); every other type is named in the error.
-FLOAT_TYPES = {0: ("F32", 4), 1: ("F16", 2)}
-OTHER_TYPES = {
-    2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
-    12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
-    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
-    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+# Tensor types kvzoo reads: GGML type id -> (name, values per block, bytes per block, bits
+# when MLX returns it block-quantized). Every other type is named in the error.
+READ_TYPES = {
+    0: ("F32", 1, 4, None), 1: ("F16", 1, 2, None), 30: ("BF16", 1, 2, None),
+    8: ("Q8_0", 32, 34, 8), 2: ("Q4_0", 32, 18, 4), 3: ("Q4_1", 32, 20, 4),
 }
+OTHER_TYPES = {
+    6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
+    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
+    22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+}
+READABLE = ", ".join(name for name, *_ in READ_TYPES.values())
 
 # Metadata value types: id -> struct format of one scalar (8 = string, 9 = array).
 SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -95,8 +105,9 @@ class _Header:
         raise self.fail(f"{what} has unknown value type {kind}")
 
 
-def check_file(path: Path) -> None:
-    """Raise ValueError unless `path` is a well-formed GGUF v2/v3 file with F32/F16 tensors.
+def check_file(path: Path) -> dict[str, tuple[int, list[int], int]]:
+    """Raise ValueError unless `path` is a well-formed GGUF v2/v3 file of tensor types kvzoo
+    reads; returns name -> (GGML type, dims (innermost first), absolute data offset).
 
     Checks the header, every metadata entry, every tensor's type, and that every tensor's data
     lies inside the file. Reads only the header.
@@ -134,37 +145,75 @@ def check_file(path: Path) -> None:
             dims = [header.scalar("<Q", f"shape of tensor {name!r}") for _ in range(n_dims)]
             kind = header.scalar("<I", f"type of tensor {name!r}")
             offset = header.scalar("<Q", f"offset of tensor {name!r}")
-            if kind not in FLOAT_TYPES:
+            if kind not in READ_TYPES:
                 type_name = OTHER_TYPES.get(kind, f"unknown type {kind}")
                 raise ValueError(
                     f"{path}: tensor {name!r} is stored as {type_name}; kvzoo reads GGUF tensors "
-                    f"stored as F32 or F16 only (convert the model without quantization)"
+                    f"stored as {READABLE} (requantize or convert the model to one of those)"
                 )
-            tensors.append((name, dims, FLOAT_TYPES[kind][1], offset))
+            block = READ_TYPES[kind][1]
+            if dims[0] % block:
+                raise header.fail(f"tensor {name!r} ({READ_TYPES[kind][0]}) has rows of {dims[0]} values, "
+                                  f"not a whole number of {block}-value blocks")
+            tensors.append((name, dims, kind, offset))
         data_start = -(-header.pos // alignment) * alignment
-        seen = set()
-        for name, dims, itemsize, offset in tensors:
-            if name in seen:
+        found: dict[str, tuple[int, list[int], int]] = {}
+        for name, dims, kind, offset in tensors:
+            if name in found:
                 raise header.fail(f"tensor {name!r} appears twice")
-            seen.add(name)
-            n_bytes = itemsize
+            _, block, block_bytes, _ = READ_TYPES[kind]
+            n_bytes = block_bytes
             for d in dims:
                 n_bytes *= d
+            n_bytes //= block
             if offset % alignment or data_start + offset + n_bytes > size:
                 raise ValueError(
                     f"{path}: the data of tensor {name!r} ({n_bytes} bytes at offset {offset}) "
                     f"lies outside the file ({size} bytes) or is misaligned; the file is "
                     f"truncated or corrupt"
                 )
+            found[name] = (kind, dims, data_start + offset)
+        return found
 
 
 def read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """Tensors and metadata of a GGUF file, after `check_file`."""
-    check_file(path)
+    """Tensors (float; block-quantized ones dequantized to float32) and metadata of a GGUF file,
+    after `check_file`."""
+    tensors = check_file(path)
     try:
-        return mx.load(str(path), return_metadata=True)
+        loaded, metadata = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as error:
         raise ValueError(f"{path}: cannot read GGUF file: {error}") from None
+    weights = {}
+    for name, (kind, dims, start) in tensors.items():
+        bits = READ_TYPES[kind][3]
+        base = name.removesuffix(".weight")  # MLX names the blocks' parts "x.scales", "x.biases"
+        parts = [name] + ([base + ".scales", base + ".biases"] if bits is not None else [])
+        if READ_TYPES[kind][0] != "BF16" and not all(part in loaded for part in parts):
+            raise ValueError(f"{path}: MLX could not read tensor {name!r} ({READ_TYPES[kind][0]}); "
+                             f"the file may be corrupt")
+        if bits is not None:  # MLX returns blocks as (packed, scales, biases), group size 32
+            # Scales and biases are float16 in the file; dequantizing in float16 would round
+            # every value (up to 2e-3 off); llama.cpp computes d * q in float32.
+            weights[name] = mx.dequantize(loaded[name], loaded[parts[1]].astype(mx.float32),
+                                          loaded[parts[2]].astype(mx.float32), group_size=32, bits=bits)
+        elif READ_TYPES[kind][0] == "BF16":
+            weights[name] = _read_bf16(path, dims, start)
+        else:
+            weights[name] = loaded[name]
+    return weights, metadata
+
+
+def _read_bf16(path: Path, dims: list[int], start: int) -> mx.array:
+    """A BF16 tensor straight from the file (shape: dims reversed, innermost last)."""
+    count = 1
+    for d in dims:
+        count *= d
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = np.frombuffer(f.read(2 * count), dtype="<u2")
+    as_float = (raw.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of an fp32
+    return mx.array(as_float.reshape(tuple(reversed(dims)))).astype(mx.bfloat16)
 
 
 # -- llama config from metadata ------------------------------------------------------------
