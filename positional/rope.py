@@ -98,11 +98,9 @@ class RoPE(Positional):
                    llama3=config.rope_scaling)
 
     def _apply(self, x: mx.array, offset: mx.array) -> mx.array:
-        if self._freqs is not None:
-            return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None,
-                                scale=self.scale, offset=offset, freqs=self._freqs)
-        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base,
-                            scale=self.scale, offset=offset)
+        base = None if self._freqs is not None else self.base  # mx.fast.rope takes one or the other
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=base,
+                            scale=self.scale, offset=offset, freqs=self._freqs)
 
     def rotate(self, queries, keys, positions):
         offset = positions[..., 0]  # positions are contiguous from here

@@ -16,6 +16,7 @@ RoPE pairs (its "interleaved" layout). GGUF models therefore run with `rope_trad
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -162,10 +163,7 @@ def check_file(path: Path) -> dict[str, tuple[int, list[int], int]]:
             if name in found:
                 raise header.fail(f"tensor {name!r} appears twice")
             _, block, block_bytes, _ = READ_TYPES[kind]
-            n_bytes = block_bytes
-            for d in dims:
-                n_bytes *= d
-            n_bytes //= block
+            n_bytes = math.prod(dims) // block * block_bytes
             if offset % alignment or data_start + offset + n_bytes > size:
                 raise ValueError(
                     f"{path}: the data of tensor {name!r} ({n_bytes} bytes at offset {offset}) "
@@ -186,32 +184,29 @@ def read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
         raise ValueError(f"{path}: cannot read GGUF file: {error}") from None
     weights = {}
     for name, (kind, dims, start) in tensors.items():
-        bits = READ_TYPES[kind][3]
+        type_name, _, _, bits = READ_TYPES[kind]
+        if type_name == "BF16":
+            weights[name] = _read_bf16(path, dims, start)
+            continue
         base = name.removesuffix(".weight")  # MLX names the blocks' parts "x.scales", "x.biases"
         parts = [name] + ([base + ".scales", base + ".biases"] if bits is not None else [])
-        if READ_TYPES[kind][0] != "BF16" and not all(part in loaded for part in parts):
-            raise ValueError(f"{path}: MLX could not read tensor {name!r} ({READ_TYPES[kind][0]}); "
-                             f"the file may be corrupt")
-        if bits is not None:  # MLX returns blocks as (packed, scales, biases), group size 32
+        if not all(part in loaded for part in parts):
+            raise ValueError(f"{path}: MLX could not read tensor {name!r} ({type_name}); the file may be corrupt")
+        if bits is None:
+            weights[name] = loaded[name]
+        else:  # MLX returns blocks as (packed, scales, biases), group size 32
             # Scales and biases are float16 in the file; dequantizing in float16 would round
             # every value (up to 2e-3 off); llama.cpp computes d * q in float32.
             weights[name] = mx.dequantize(loaded[name], loaded[parts[1]].astype(mx.float32),
                                           loaded[parts[2]].astype(mx.float32), group_size=32, bits=bits)
-        elif READ_TYPES[kind][0] == "BF16":
-            weights[name] = _read_bf16(path, dims, start)
-        else:
-            weights[name] = loaded[name]
     return weights, metadata
 
 
 def _read_bf16(path: Path, dims: list[int], start: int) -> mx.array:
     """A BF16 tensor straight from the file (shape: dims reversed, innermost last)."""
-    count = 1
-    for d in dims:
-        count *= d
     with open(path, "rb") as f:
         f.seek(start)
-        raw = np.frombuffer(f.read(2 * count), dtype="<u2")
+        raw = np.frombuffer(f.read(2 * math.prod(dims)), dtype="<u2")
     as_float = (raw.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of an fp32
     return mx.array(as_float.reshape(tuple(reversed(dims)))).astype(mx.bfloat16)
 

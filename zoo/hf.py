@@ -156,6 +156,16 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def rope_scaling_field(cfg: ModelConfig) -> Optional[dict[str, Any]]:
+    """The `rope_scaling` entry of an HF/mlx-lm llama config for `cfg`: None, linear, or llama3."""
+    if cfg.rope_scaling is not None:
+        _require(cfg.rope_scale == 1.0, "HF llama cannot combine linear and llama3 rope scaling")
+        return {"rope_type": "llama3", **cfg.rope_scaling}
+    if cfg.rope_scale != 1.0:
+        return {"type": "linear", "rope_type": "linear", "factor": 1.0 / cfg.rope_scale}
+    return None
+
+
 def llama_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """config.json fields of a LlamaForCausalLM equal to `cfg`, or ValueError.
 
@@ -163,15 +173,9 @@ def llama_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     and mlx-lm) and `rope_parameters` (transformers >= 5).
     """
     _require(cfg.positional == "rope", f"HF llama has rope positions only, this model uses {cfg.positional!r}")
-    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_base}
-    scaling = None
-    if cfg.rope_scale != 1.0:
-        scaling = {"type": "linear", "rope_type": "linear", "factor": 1.0 / cfg.rope_scale}
-        params = {"rope_type": "linear", "rope_theta": cfg.rope_base, "factor": 1.0 / cfg.rope_scale}
-    if cfg.rope_scaling is not None:
-        _require(cfg.rope_scale == 1.0, "HF llama cannot combine linear and llama3 rope scaling")
-        scaling = {"rope_type": "llama3", **cfg.rope_scaling}
-        params = {"rope_theta": cfg.rope_base, **scaling}
+    scaling = rope_scaling_field(cfg)
+    params = {"rope_theta": cfg.rope_base, **(scaling or {"rope_type": "default"})}
+    params.pop("type", None)
     return dict(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,

@@ -7,6 +7,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .hf import rope_scaling_field
 from .model import CausalLM
 
 
@@ -26,11 +27,7 @@ def mlx_lm_args(model: CausalLM) -> dict[str, Any]:
     if cfg.family == "llama":
         if cfg.positional != "rope":
             raise ValueError("mlx-lm's llama supports only rope positions")
-        scaling = None if cfg.rope_scale == 1.0 else {"type": "linear", "factor": 1.0 / cfg.rope_scale}
-        if cfg.rope_scaling is not None:
-            if scaling is not None:
-                raise ValueError("mlx-lm's llama cannot combine linear and llama3 rope scaling")
-            scaling = {"rope_type": "llama3", **cfg.rope_scaling}
+        scaling = rope_scaling_field(cfg)
         return dict(model_type="llama", hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                     intermediate_size=cfg.d_ff, num_attention_heads=cfg.n_heads,
                     num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
