@@ -10,6 +10,13 @@ A new strategy subclasses `caches.Cache`, declares its `reference` and registers
 `@caches.register("name")`; it then appears in the CLI, the benchmarks and the property test.
 """
 
+# Before anything here imports mlx.core: the fast BLAS on Linux CPU (kvkvzoo/blas.py), so that
+# importing this package first gives the same matmuls as importing zoo first.
+from kvzoo import blas as _blas
+
+_blas.setup()
+
+
 from .attention import scaled_dot_product_attention
 from .base import Cache
 from .reference import EXACT, Reference

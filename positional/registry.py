@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from kvzoo.registry import Registry
+
 from .base import Positional
 
-_SCHEMES: dict[str, type[Positional]] = {}
+
+def _check(name: str, cls: Any) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Positional)):
+        raise TypeError(f"positional.register({name!r}) needs a Positional subclass, got {cls!r}")
+
+
+SCHEMES: Registry[type[Positional]] = Registry("positional scheme", check=_check)
 
 
 def register(name: str) -> Callable[[type[Positional]], type[Positional]]:
@@ -17,12 +25,8 @@ def register(name: str) -> Callable[[type[Positional]], type[Positional]]:
     """
 
     def add(cls: type[Positional]) -> type[Positional]:
-        if not (isinstance(cls, type) and issubclass(cls, Positional)):
-            raise TypeError(f"positional.register({name!r}) needs a Positional subclass")
-        if name in _SCHEMES and _SCHEMES[name].__qualname__ != cls.__qualname__:
-            raise ValueError(f"positional scheme {name!r} is already registered")
+        SCHEMES.add(name, cls)
         cls.name = name
-        _SCHEMES[name] = cls
         return cls
 
     return add
@@ -30,16 +34,12 @@ def register(name: str) -> Callable[[type[Positional]], type[Positional]]:
 
 def available() -> list[str]:
     """Names of all registered positional schemes."""
-    return sorted(_SCHEMES)
+    return SCHEMES.available()
 
 
 def get(name: str) -> type[Positional]:
     """The scheme class registered as `name`."""
-    if name not in _SCHEMES:
-        raise ValueError(
-            f"unknown positional scheme {name!r}; registered schemes: {', '.join(available())}"
-        )
-    return _SCHEMES[name]
+    return SCHEMES.get(name)
 
 
 def make(name: str, config: Any) -> Positional:

@@ -6,6 +6,13 @@
     sampling.make_processor("logit_bias", bias={2: -5})  # a registered processor by name
 """
 
+# Before anything here imports mlx.core: the fast BLAS on Linux CPU (kvkvzoo/blas.py), so that
+# importing this package first gives the same matmuls as importing zoo first.
+from kvzoo import blas as _blas
+
+_blas.setup()
+
+
 from .registry import (
     LogitsProcessor,
     Sampler,

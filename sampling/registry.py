@@ -12,34 +12,14 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
+from kvzoo.registry import Registry
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-class Registry:
+class FactoryRegistry(Registry[Callable[..., Any]]):
     """Factories by name; `make` checks option names before calling one."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self.factories: dict[str, Callable[..., Any]] = {}
-
-    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        def add(factory: Callable[..., Any]) -> Callable[..., Any]:
-            if name in self.factories and self.factories[name].__qualname__ != factory.__qualname__:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self.factories[name] = factory
-            return factory
-
-        return add
-
-    def available(self) -> list[str]:
-        return sorted(self.factories)
-
-    def get(self, name: str) -> Callable[..., Any]:
-        if name not in self.factories:
-            raise ValueError(f"unknown {self.kind} {name!r}; registered {self.kind}s: "
-                             f"{', '.join(self.available())}")
-        return self.factories[name]
 
     def make(self, name: str, **options: Any) -> Any:
         factory = self.get(name)
@@ -51,13 +31,13 @@ class Registry:
         return factory(**options)
 
 
-SAMPLERS = Registry("sampler")
-PROCESSORS = Registry("logits processor")
+SAMPLERS = FactoryRegistry("sampler")
+PROCESSORS = FactoryRegistry("logits processor")
 
 
 def register(name: str) -> Callable[[Callable[..., Sampler]], Callable[..., Sampler]]:
     """Decorator on a factory `f(**options) -> sampler`, available as `name`."""
-    return SAMPLERS.register(name)
+    return SAMPLERS.decorator(name)
 
 
 def available() -> list[str]:
@@ -77,7 +57,7 @@ def make(name: str, **options: Any) -> Sampler:
 
 def register_processor(name: str) -> Callable[[Callable[..., LogitsProcessor]], Callable[..., LogitsProcessor]]:
     """Decorator on a factory `f(**options) -> logits processor`, available as `name`."""
-    return PROCESSORS.register(name)
+    return PROCESSORS.decorator(name)
 
 
 def available_processors() -> list[str]:

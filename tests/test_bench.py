@@ -9,8 +9,8 @@ import math
 import pytest
 
 import caches
-from conftest import require_module
-from zoo import bench
+from helpers.assets import require_module
+from zoo.cli import bench
 from zoo.cli import main as cli
 
 

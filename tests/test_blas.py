@@ -1,4 +1,4 @@
-"""The fast BLAS path (zoo/blas.py): the model gives the same outputs with and without it, and
+"""The fast BLAS path (kvzoo/blas.py): the model gives the same outputs with and without it, and
 `kvzoo info` names the library that libmlx's sgemm is really bound to.
 
 Each case runs in a fresh interpreter, because the choice is made once per process, before
@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from conftest import IN_CI, ROOT
-from zoo import blas
+from helpers.assets import IN_CI, ROOT
+from kvzoo import blas
 
 # Cached vs uncached logits (the property the whole suite rests on), on prompts long enough that
 # prefill goes through sgemm, then `kvzoo info --json` from the same process.
@@ -97,8 +97,8 @@ def test_with_fast_blas_the_cache_matches_and_outputs_agree(without_fast_blas):
 
 def test_a_library_path_can_be_chosen():
     library = require_openblas()
-    done = run_python("import zoo, json; c = zoo.blas.choice(); "
-                      "print(json.dumps([c.fast, c.how, zoo.blas.bound_library()]))",
+    done = run_python("import zoo, kvzoo.blas, json; c = kvzoo.blas.choice(); "
+                      "print(json.dumps([c.fast, c.how, kvzoo.blas.bound_library()]))",
                       KVZOO_BLAS=library)
     assert done.returncode == 0, done.stderr
     fast, how, bound = json.loads(done.stdout)
@@ -106,8 +106,8 @@ def test_a_library_path_can_be_chosen():
 
 
 def test_mlx_imported_first_is_reported_not_hidden():
-    done = run_python("import mlx.core, zoo, json; c = zoo.blas.choice(); "
-                      "print(json.dumps([c.fast, c.how, zoo.blas.bound_library()]))",
+    done = run_python("import mlx.core, zoo, kvzoo.blas, json; c = kvzoo.blas.choice(); "
+                      "print(json.dumps([c.fast, c.how, kvzoo.blas.bound_library()]))",
                       KVZOO_BLAS="auto")
     assert done.returncode == 0, done.stderr
     fast, how, bound = json.loads(done.stdout)
@@ -118,8 +118,8 @@ def test_mlx_imported_first_is_reported_not_hidden():
 def test_a_bad_library_path_warns_and_keeps_the_bundled_blas(tmp_path):
     bogus = tmp_path / "libnotblas.so"
     bogus.write_bytes(b"not a shared library")
-    done = run_python("import warnings; warnings.simplefilter('always'); import zoo, json; "
-                      "c = zoo.blas.choice(); print(json.dumps([c.fast, c.how]))",
+    done = run_python("import warnings; warnings.simplefilter('always'); import zoo, kvzoo.blas, json; "
+                      "c = kvzoo.blas.choice(); print(json.dumps([c.fast, c.how]))",
                       KVZOO_BLAS=str(bogus))
     assert done.returncode == 0, done.stderr
     fast, how = json.loads(done.stdout)

@@ -15,7 +15,7 @@ import caches
 import caches.registry
 import zoo
 from caches import Cache
-from conftest import require_asset
+from helpers.assets import require_asset
 
 SEQ = 24  # longest sequence any test here runs (12-token prompt + 10 generated)
 EXAMPLES = [

@@ -9,7 +9,7 @@ import sys
 import caches
 import positional
 import zoo
-from conftest import require_asset
+from helpers.assets import require_asset
 from test_extending import ForgetfulCache, registered  # noqa: F401  (fixture)
 from zoo.cli import main
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from test_tokenizer_gguf import gguf_tokenizer, sentencepiece_oracle
-from test_tokenizer_gpt2 import hf_gpt2, kvzoo_gpt2
+from helpers.tokenizers import gguf_tokenizer, sentencepiece_oracle
+from helpers.tokenizers import hf_gpt2, kvzoo_gpt2
 
 TEXTS = [
     "Once upon a time there was a little girl.",
@@ -20,8 +20,8 @@ TEXTS = [
 
 
 def spm_tokenizer():
-    from conftest import require_asset
-    from zoo.tokenizer_spm import load_sentencepiece
+    from helpers.assets import require_asset
+    from zoo.tokenizers.spm import load_sentencepiece
 
     return load_sentencepiece(require_asset("stories260K/tok512.model"))
 

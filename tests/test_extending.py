@@ -8,8 +8,8 @@ import pytest
 
 import caches
 from caches import conformance, registry
-from test_equivalence import run_scenario
-from zoo.check import check_pairings
+from helpers.equivalence import run_scenario
+from zoo.cli.check import check_pairings
 
 
 class NewestFirstCache(caches.Cache):

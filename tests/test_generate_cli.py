@@ -13,11 +13,11 @@ import sys
 
 import mlx.core as mx
 import pytest
-from conftest import ROOT, require_asset
+from helpers.assets import ROOT, require_asset
 
 import zoo
 from zoo.cli import main
-from zoo.generate_cli import parse_cache_options, parse_value
+from zoo.cli.generate import parse_cache_options, parse_value
 
 OPENING = "Once upon a time"
 N = 24
@@ -73,11 +73,11 @@ def test_every_cache_and_option_prints_the_same_greedy_reply(capsys, gguf, greed
 
 
 def test_dtype_auto_is_float32_on_cpu_and_can_be_chosen(capsys, gguf, greedy_text, monkeypatch):
-    import zoo.loading
+    import zoo.checkpoints.loading
 
     loaded = []
-    real_load = zoo.loading.load
-    monkeypatch.setattr(zoo.loading, "load", lambda path, dtype=None: loaded.append(dtype) or real_load(path, dtype=dtype))
+    real_load = zoo.checkpoints.loading.load
+    monkeypatch.setattr(zoo.checkpoints.loading, "load", lambda path, dtype=None: loaded.append(dtype) or real_load(path, dtype=dtype))
     for choice in ("auto", "float32", "stored"):  # the GGUF stores float32: one greedy reply
         status, out, _ = generate(capsys, "--model", gguf, "--prompt", OPENING, "--max-tokens", str(N),
                                   "--dtype", choice)

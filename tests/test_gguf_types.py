@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import zoo
-from conftest import require_asset, require_module
+from helpers.assets import require_asset, require_module
 
 PROMPT = [1, 403, 407, 261, 378, 300, 40, 365]  # BOS + a stories260K prompt's pieces
 

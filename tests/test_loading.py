@@ -247,7 +247,7 @@ def test_bad_paths_and_folders(tmp_path):
     (tmp_path / "empty" / "config.json").write_text('{"model_type": "llama",')
     with pytest.raises(ValueError, match="not valid JSON"):
         zoo.load_model(tmp_path / "empty")
-    (tmp_path / "empty" / "config.json").write_text(json.dumps(zoo.hf.hf_config(tiny("llama").config)))
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(zoo.checkpoints.hf.hf_config(tiny("llama").config)))
     with pytest.raises(ValueError, match=r"no \*\.safetensors"):
         zoo.load_model(tmp_path / "empty")
     (tmp_path / "weights.bin").write_bytes(b"\x00" * 64)

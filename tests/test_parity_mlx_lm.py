@@ -14,9 +14,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoint_oracles import (LOGIT_TOL, assert_greedy_agrees, exact_caches, greedy_cached,
+from helpers.checkpoint_oracles import (LOGIT_TOL, assert_greedy_agrees, exact_caches, greedy_cached,
                                 greedy_uncached, spread)
-from conftest import require_module
+from helpers.assets import require_module
 
 import zoo
 
@@ -129,7 +129,7 @@ def test_mlx_lm_rope_traditional_field_is_honoured(tmp_path):
     """mlx-lm's config.json extension `rope_traditional: true` (weights kept in the
     interleaved order) reads the same in kvzoo and in mlx-lm."""
     model = zoo.build("llama", seed=7, **{**SHAPE, "n_kv_heads": 2, "d_ff": 48, "rope_traditional": True})
-    config = zoo.hf.hf_config(model.config)
+    config = zoo.checkpoints.hf.hf_config(model.config)
     (tmp_path / "config.json").write_text(json.dumps({**config, "rope_traditional": True}))
     from mlx.utils import tree_flatten
 

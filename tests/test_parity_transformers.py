@@ -11,9 +11,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoint_oracles import (LOGIT_TOL, assert_greedy_agrees, exact_caches, greedy_cached,
+from helpers.checkpoint_oracles import (LOGIT_TOL, assert_greedy_agrees, exact_caches, greedy_cached,
                                 log_softmax, spread)
-from conftest import require_module
+from helpers.assets import require_module
 
 import zoo
 

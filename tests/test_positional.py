@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import positional
-from conftest import require_module
+from helpers.assets import require_module
 from positional.alibi import ALiBi, alibi_slopes
 from positional.learned import LearnedPositional
 from positional.rope import RoPE
@@ -186,4 +186,4 @@ def test_a_registered_scheme_becomes_available():
     finally:
         from positional import registry
 
-        registry._SCHEMES.pop("test-nope")
+        registry.SCHEMES.remove("test-nope")

@@ -10,7 +10,7 @@ import caches
 import zoo
 from caches import conformance
 from caches.quantized import QuantizedCache, QuantizedReference, round_trip
-from equivalence import reference_gap
+from helpers.equivalence import reference_gap
 
 TOL = 1e-4
 

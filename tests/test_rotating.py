@@ -266,7 +266,7 @@ def test_mlx_lms_rotating_cache_agrees_on_identical_weights():
     docs/caches.md.)"""
     from mlx_lm.models.cache import RotatingKVCache
 
-    from zoo.interop import to_mlx_lm
+    from zoo.checkpoints.mlx_lm import to_mlx_lm
 
     model = zoo.build("llama", preset="tiny", seed=3)
     twin = to_mlx_lm(model)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import sampling
-from conftest import require_module
+from helpers.assets import require_module
 
 V = 12
 DRAWS = 20000

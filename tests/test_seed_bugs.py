@@ -12,7 +12,7 @@ import pytest
 
 import caches
 import zoo
-from equivalence import TOLERANCE, cached_logits, max_abs_diff, reference_logits
+from helpers.equivalence import TOLERANCE, cached_logits, max_abs_diff, reference_logits
 from positional.learned import LearnedPositional
 
 TOKENS = [3, 17, 42, 8, 8, 61, 5, 29, 33, 2, 14, 50, 7, 7, 19, 40]

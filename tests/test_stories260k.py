@@ -14,9 +14,9 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoint_oracles import (LOGIT_TOL, approximate_caches, assert_greedy_agrees, exact_caches,
+from helpers.checkpoint_oracles import (LOGIT_TOL, approximate_caches, assert_greedy_agrees, exact_caches,
                                 greedy_cached, greedy_uncached, log_softmax)
-from conftest import require_asset, require_module
+from helpers.assets import require_asset, require_module
 
 import caches
 import zoo

@@ -14,7 +14,7 @@ import pytest
 import caches
 import sampling
 import zoo
-from test_tokenizer_gguf import gguf_tokenizer, sentencepiece_oracle
+from helpers.tokenizers import gguf_tokenizer, sentencepiece_oracle
 
 SCRIPT = "Once upon a time, Lily saw a big cat. The cat said: 日本🙂! The end. Bye"
 

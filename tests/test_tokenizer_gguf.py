@@ -11,14 +11,14 @@ uses it, which keeps every space. So:
 
 from __future__ import annotations
 
-from functools import lru_cache
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import require_asset
-from zoo.tokenizer_gguf import GGUFTokenizer, tokenizer_from_gguf
-from zoo.tokenizer_spm import SentencePieceTokenizer, load_sentencepiece
+from helpers.assets import require_asset
+from helpers.tokenizers import gguf_tokenizer, sentencepiece_oracle
+from zoo.tokenizers.gguf import tokenizer_from_gguf
+from zoo.tokenizers.spm import SentencePieceTokenizer, load_sentencepiece
 from zoo.tokenizers import load_tokenizer
 
 STORIES = [
@@ -57,31 +57,6 @@ WHITESPACE = [
     ("\n", ["▁", "<0x0A>"], ["▁", "<0x0A>"], "\n"),
     ("a \n b", ["▁a", "▁", "<0x0A>", "▁b"], ["▁a", "▁", "<0x0A>", "▁b"], "a \n b"),
 ]
-
-
-@lru_cache(maxsize=None)
-def gguf_tokenizer() -> GGUFTokenizer:
-    import mlx.core as mx
-
-    _, metadata = mx.load(str(require_asset("stories260K/stories260K.gguf")), return_metadata=True)
-    return tokenizer_from_gguf(metadata)
-
-
-@lru_cache(maxsize=None)
-def sentencepiece_oracle(remove_extra_whitespaces: bool = True):
-    """sentencepiece on tok512.model, optionally with whitespace removal switched off."""
-    import sentencepiece
-
-    raw = require_asset("stories260K/tok512.model").read_bytes()
-    if remove_extra_whitespaces:
-        return sentencepiece.SentencePieceProcessor(model_proto=raw)
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(raw)
-    assert proto.normalizer_spec.remove_extra_whitespaces  # what the data README says
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    return sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 def test_vocabulary_matches_the_sentencepiece_model():

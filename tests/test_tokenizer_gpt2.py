@@ -3,55 +3,15 @@
 from __future__ import annotations
 
 import shutil
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import require_asset, require_module
-from zoo.tokenizer_bpe import BPETokenizer, load_bpe
+from helpers.assets import require_asset
+from helpers.tokenizers import VARIED, hf_gpt2, kvzoo_gpt2
+from zoo.tokenizers.bpe import load_bpe
 from zoo.tokenizers import load_tokenizer
-
-VARIED = [
-    "Hello world",
-    "",
-    " ",
-    "   ",
-    " leading space",
-    "trailing space ",
-    "two  spaces   three    four",
-    "line one\nline two\n\nline four\n",
-    "\ttabbed\t\tline",
-    "mixed \t\n \r\n whitespace",
-    "don't can't I'll we've they're she'd it's I'm",
-    "DON'T Shouldn't",
-    "1234567890 3.14159 -42 1,000,000 2024-01-01",
-    "café naïve résumé Ångström façade",
-    "Ünïcödé ß ø æ œ",
-    "emoji 🙂😀🎉 and 👨‍👩‍👧‍👦 family",
-    "日本語のテキスト、中文文本，한국어",
-    "Привет, мир! Γειά σου Κόσμε",
-    "<|endoftext|>",
-    "before<|endoftext|>after",
-    "<|endoftext|> spaced <|endoftext|>",
-    "code: def f(x):\n    return x**2  # square",
-    "URL https://example.com/a?b=c&d=e#f",
-    "\u00a0non-breaking\u00a0space and\u3000ideographic space",
-    "zero\u200bwidth joiner\u200d",
-]
-
-
-@lru_cache(maxsize=None)
-def kvzoo_gpt2() -> BPETokenizer:
-    return load_tokenizer(require_asset("gpt2-tokenizer"))
-
-
-@lru_cache(maxsize=None)
-def hf_gpt2():
-    transformers = require_module("transformers")
-    return transformers.GPT2TokenizerFast.from_pretrained(str(require_asset("gpt2-tokenizer")))
-
 
 def test_hello_world_ids_from_both_file_formats():
     folder = require_asset("gpt2-tokenizer")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import ROOT, require_module
-from test_tokenizer_gpt2 import VARIED
+from helpers.assets import ROOT, require_module
+from helpers.tokenizers import VARIED
 from zoo.tokenizers import load_tokenizer
 
 # The split regexes published in Meta's Llama 3 and Alibaba's Qwen2 tokenizer.json files.

@@ -7,21 +7,26 @@
     for token, logprobs in zoo.generate_step(model, prompt, cache="concat"): ...
     model, tokenizer = zoo.load("stories260K.gguf")      # or an HF folder
     text = zoo.generate(model, tokenizer, "Once upon a time", max_tokens=50, temp=0.8)
+
+Rooms: zoo/families (one file per family, with its checkpoint mappings), zoo/checkpoints
+(load/save, HF, GGUF, mlx-lm twins), zoo/tokenizers, zoo/cli (one file per command),
+zoo/runtime (device and dtype). The model top (model.py), config, registry, layers and the
+generation loop (generate.py, stream.py) live at this level.
 """
 
 # First, before anything imports mlx.core: load a fast BLAS for MLX's matmuls on Linux CPU
-# (KVZOO_BLAS=off to keep MLX's own; see zoo/blas.py). Must stay above every other import.
-from . import blas as _blas
+# (KVZOO_BLAS=off to keep MLX's own; see kvkvzoo/blas.py). Must stay above every other import.
+from kvzoo import blas as _blas
 
 _blas.setup()
 
 from .config import ModelConfig  # noqa: E402
 from .model import CausalLM  # noqa: E402
-from .registry import available, build, from_config, make_config, presets, register_family
+from .registry import available, build, from_config, make_config, presets, register_family  # noqa: E402
 
-from . import gpt2, llama  # noqa: E402,F401  (register the built-in families)
+from . import families  # noqa: E402,F401  (register the built-in families)
+from .checkpoints import load, load_model, save  # noqa: E402
 from .generate import generate_step  # noqa: E402
-from .loading import load, load_model, save  # noqa: E402
 from .stream import GenerationResponse, generate, stream_generate  # noqa: E402  zoo.generate: the function
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf  # noqa: E402
 

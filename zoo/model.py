@@ -14,7 +14,7 @@ import mlx.nn as nn
 from caches import EXACT, Cache, Reference
 from positional import Positional
 
-from .attention import Context
+from .layers import Context
 from .config import ModelConfig
 
 
@@ -26,6 +26,12 @@ class CausalLM(nn.Module):
 
     config: ModelConfig
     positional: Positional
+
+    # What a family file (zoo/families/) provides for checkpoints, all optional:
+    # hf_model_types (HF config.json model_type values it reads), config_from_hf(hf) ->
+    # ModelConfig, hf_config(cfg) -> dict, hf_layout(cfg, file_names) -> CheckpointLayout,
+    # mlx_lm_config(cfg) -> dict and mlx_lm_name(name) -> str for mlx-lm's twin.
+    hf_model_types: tuple[str, ...] = ()
 
     def __call__(
         self,

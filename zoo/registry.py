@@ -6,10 +6,12 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
+from kvzoo.registry import Registry
+
 from .config import ModelConfig, field_names
 from .init import init_weights
 
-_FAMILIES: dict[str, dict[str, Any]] = {}
+FAMILIES: Registry[type] = Registry("model family", plural="families")
 
 
 def register_family(
@@ -22,10 +24,8 @@ def register_family(
     """
 
     def add(cls: type) -> type:
-        if name in _FAMILIES and _FAMILIES[name]["cls"].__qualname__ != cls.__qualname__:
-            raise ValueError(f"model family {name!r} is already registered")
+        FAMILIES.add(name, cls, defaults=dict(defaults), presets=dict(presets or {}))
         cls.family = name
-        _FAMILIES[name] = {"cls": cls, "defaults": dict(defaults), "presets": dict(presets or {})}
         return cls
 
     return add
@@ -33,13 +33,21 @@ def register_family(
 
 def available() -> list[str]:
     """Names of all registered model families."""
-    return sorted(_FAMILIES)
+    return FAMILIES.available()
+
+
+def family_class(name: str) -> type:
+    """The CausalLM subclass registered as `name`."""
+    return FAMILIES.get(name)
+
+
+def family_classes() -> list[type]:
+    """Every registered family class, by name."""
+    return [cls for _, cls in FAMILIES.items()]
 
 
 def _family(name: str) -> dict[str, Any]:
-    if name not in _FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; registered families: {', '.join(available())}")
-    return _FAMILIES[name]
+    return {"cls": FAMILIES.get(name), **FAMILIES.entry(name)}
 
 
 def presets(family: str) -> list[str]:

@@ -22,7 +22,7 @@ from sampling import LogitsProcessor, Sampler
 
 from .generate import CacheSpec, generate_step, make_cache, prompt_array
 from .model import CausalLM
-from .tokenizer_base import Tokenizer
+from .tokenizers.base import Tokenizer
 
 
 @dataclass

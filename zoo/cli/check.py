@@ -18,8 +18,8 @@ import caches
 import positional
 from caches import conformance
 
-from .registry import available as available_families
-from .registry import build
+from ..registry import available as available_families
+from ..registry import build
 
 HELP = "check every family x positional x cache x layout pairing against the uncached oracle"
 
@@ -94,7 +94,7 @@ def check_checkpoint(
     Returns the rows and a note for each cache that has no option set for this model (say,
     quantized on heads narrower than its smallest group).
     """
-    from .loading import load
+    from ..checkpoints import load
 
     if decode < 1:
         raise ValueError(f"--decode must be at least 1, got {decode}")

@@ -1,7 +1,7 @@
 """What runs fastest where: the default dtype per MLX device, chosen by measurement.
 
 On MLX's Linux CPU backend half precision is no win: fp32 matmuls go to the BLAS (OpenBLAS
-with zoo/blas.py), fp16/bf16 ones to MLX's own loops. Measured on a 2-core x86_64 with OpenBLAS
+with kvzoo/blas.py), fp16/bf16 ones to MLX's own loops. Measured on a 2-core x86_64 with OpenBLAS
 (docs/performance.md, "Half precision"): GPT-2 124M and the Llama-style ~100M model decode in
 fp16 at 0.17-0.18x and bf16 at 0.44-0.45x the fp32 speed, and prefill at 0.06-0.08x. So the CPU
 default is float32. On a GPU (Metal or CUDA) the kernels

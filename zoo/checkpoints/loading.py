@@ -18,10 +18,10 @@ from typing import Any, Optional, Union
 
 import mlx.core as mx
 
+from ..model import CausalLM
+from ..registry import from_config
 from . import gguf, hf
-from .checkpoint import assign_weights, file_weights_of
-from .model import CausalLM
-from .registry import from_config
+from .layout import assign_weights, file_weights_of
 
 PathLike = Union[str, Path]
 CONFIG = "config.json"
@@ -38,7 +38,7 @@ def load_model(path: PathLike, *, dtype: Optional[mx.Dtype] = None) -> CausalLM:
 def load(path: PathLike, *, dtype: Optional[mx.Dtype] = None) -> tuple[CausalLM, Any]:
     """(model, tokenizer) from an HF-style folder (tokenizer files beside the weights) or a
     .gguf file (tokenizer from its embedded vocabulary)."""
-    from .tokenizers import load_tokenizer, tokenizer_from_gguf
+    from ..tokenizers import load_tokenizer, tokenizer_from_gguf
 
     model, (kind, source) = _load_with_source(path, dtype)
     tokenizer = tokenizer_from_gguf(source) if kind == "gguf" else load_tokenizer(source)

@@ -33,7 +33,7 @@ def collect(measure: bool = True) -> dict[str, Any]:
     import positional
     import sampling
     import zoo
-    from zoo import blas
+    from kvzoo import blas
 
     chosen = blas.choice()
     blas_info: dict[str, Any] = {

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 import tiktoken
 
-from .tokenizer_base import Tokenizer
+from .base import Tokenizer
 
 # GPT-2's pre-tokenizer (openai/gpt-2 encoder.py; tiktoken's r50k pattern): contractions,
 # letters, digits and punctuation runs each with one optional leading space, then whitespace.

@@ -26,8 +26,8 @@ from typing import Any, Optional
 import mlx.core as mx
 import numpy as np
 
-from .checkpoint import CheckpointLayout
-from .config import ModelConfig
+from ..config import ModelConfig
+from .layout import CheckpointLayout
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

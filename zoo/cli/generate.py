@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import zoo
-    from zoo.loading import load
+    from zoo.checkpoints import loading
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     cache_options = parse_cache_options(args.cache_opt)
@@ -89,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
     sampling.make_sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed)
     sampling.make_logits_processors(repetition_penalty=args.repetition_penalty,
                                     repetition_context_size=args.repetition_context_size)
-    from zoo.device import parse_dtype
+    from zoo.runtime.device import parse_dtype
 
     dtype = None if args.dtype == "stored" else parse_dtype(args.dtype)
-    model, tokenizer = load(args.model, dtype=dtype)
+    model, tokenizer = loading.load(args.model, dtype=dtype)
     responses = zoo.stream_generate(
         model,
         tokenizer,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 from typing import Any, Optional
 
-from .tokenizer_base import REPLACE_EACH_BYTE, Tokenizer
+from .base import REPLACE_EACH_BYTE, Tokenizer
 
 SPACE = "\u2581"  # "▁"
 NO_TOKEN = 0xFFFFFFFF  # GGUF's "unset" id

@@ -2,7 +2,7 @@
 
 For each model config (GPT-2 124M; a Llama-style GQA model of similar size; tiny presets with
 --quick) it builds one set of random weights, hands the same arrays to mlx-lm's own model class
-(`zoo.interop.to_mlx_lm`), and for every kvzoo cache that has an mlx-lm counterpart
+(`zoo.checkpoints.mlx_lm.to_mlx_lm`), and for every kvzoo cache that has an mlx-lm counterpart
 (`COUNTERPARTS`, only those registered) plus "none" (recompute the whole prefix every step):
 
 - prefill: time to the first token of a P-token prompt (all but the last token through the
@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,9 +34,9 @@ import mlx.core as mx
 import caches
 from sampling import greedy_sample
 
-from . import blas
-from .device import default_dtype, parse_dtype
-from .registry import build
+
+from ..registry import build
+from ..runtime.device import default_dtype, parse_dtype
 
 HELP = "time kvzoo against mlx-lm on identical weights, every cache, prefill/decode/context sweep"
 
@@ -164,7 +163,7 @@ class Side:
 
 
 def kvzoo_side(model, cache_name: str, options: dict) -> Side:
-    from .generate import generate_step
+    from ..generate import generate_step
 
     def make():
         return None if cache_name == NO_CACHE else caches.make(cache_name, model, **options)
@@ -322,7 +321,7 @@ def _counterparts(selected: Optional[list[str]]) -> list[Counterpart]:
 
 
 def _build_models(config: str, settings: Settings):
-    from .interop import to_mlx_lm
+    from ..checkpoints.mlx_lm import to_mlx_lm
 
     family, preset, quick_preset, quick_overrides = CONFIGS[config]
     overrides = dict(quick_overrides) if settings.quick else {}

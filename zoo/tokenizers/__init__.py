@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tokenizer_base import StreamingDetokenizer, Tokenizer
-from .tokenizer_bpe import BPETokenizer, load_bpe, read_json
-from .tokenizer_gguf import GGUFTokenizer, tokenizer_from_gguf
-from .tokenizer_spm import SentencePieceTokenizer, load_sentencepiece
+from .base import StreamingDetokenizer, Tokenizer
+from .bpe import BPETokenizer, load_bpe, read_json
+from .gguf import GGUFTokenizer, tokenizer_from_gguf
+from .spm import SentencePieceTokenizer, load_sentencepiece
 
 __all__ = [
     "BPETokenizer",

@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 
 import sentencepiece
 
-from .tokenizer_base import REPLACE_EACH_BYTE, Tokenizer
+from .base import REPLACE_EACH_BYTE, Tokenizer
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 

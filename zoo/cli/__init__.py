@@ -1,4 +1,4 @@
-"""The `kvzoo` command: one subcommand per module, each with `add_arguments` and `run`."""
+"""The `kvzoo` command: one subcommand per module here, each with HELP, `add_arguments` and `run`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Optional, Sequence
 
 # subcommand -> module providing HELP, add_arguments(parser) and run(args) -> exit status
 COMMANDS = {
-    "check": "zoo.check",
-    "generate": "zoo.generate_cli",
-    "info": "zoo.info",
-    "bench": "zoo.bench",
+    "check": "zoo.cli.check",
+    "generate": "zoo.cli.generate",
+    "info": "zoo.cli.info",
+    "bench": "zoo.cli.bench",
 }
 
 
@@ -42,6 +42,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kvzoo {args.command}: error: {error}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
