@@ -20,7 +20,7 @@ _blas.setup()
 from .attention import scaled_dot_product_attention
 from .base import Cache
 from .reference import EXACT, Reference
-from .registry import available, get, make, options_of, register
+from .registry import available, examples, exact_for, get, make, options_of, register
 from .persistence import load, save
 
 # Built-in strategies register themselves on import.
@@ -35,6 +35,8 @@ __all__ = [
     "QuantizedReference",
     "EXACT",
     "available",
+    "examples",
+    "exact_for",
     "get",
     "load",
     "save",

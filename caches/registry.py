@@ -58,3 +58,16 @@ def make(name: str, model: Any, **options: Any) -> list[Cache]:
     for cache in caches[:1]:
         cache.check_model(model)
     return caches
+
+
+def examples(name: str, *, head_dim: int, seq_len: int) -> list[dict[str, Any]]:
+    """Option sets of cache `name` worth testing on a model with this head size and a sequence
+    this long ([] if the cache cannot serve such a model). The property test, `kvzoo check`,
+    `kvzoo bench` and `kvzoo study` draw from it, so a registered cache is covered everywhere."""
+    return get(name).conformance_examples(head_dim=head_dim, seq_len=seq_len)
+
+
+def exact_for(name: str, *, seq_len: int, **options: Any) -> bool:
+    """Whether cache `name` with `options` reproduces the true uncached model (not only its own
+    reference) over a sequence of `seq_len` tokens."""
+    return get(name).exact_for(seq_len=seq_len, **options)
