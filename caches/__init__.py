@@ -6,8 +6,9 @@
     caches.save("prompt.safetensors", cache)
     cache, metadata = caches.load("prompt.safetensors")
 
-A new strategy subclasses `caches.Cache`, declares its `reference` and registers itself with
-`@caches.register("name")`; it then appears in the CLI, the benchmarks and the property test.
+A new strategy subclasses `caches.Cache`, fills its storage hooks (`_append`, `state`, ...) and
+registers itself with `@caches.register("name", reference=..., examples=..., exact=...)`; it then
+appears in the CLI, the benchmarks, the study and the property test (docs/architecture.md).
 """
 
 # Before anything here imports mlx.core: the fast BLAS on Linux CPU (kvkvzoo/blas.py), so that
@@ -18,9 +19,9 @@ _blas.setup()
 
 
 from .attention import scaled_dot_product_attention
-from .base import Cache
+from .base import Cache, Fetched
 from .reference import EXACT, Reference
-from .registry import available, examples, exact_for, get, make, options_of, register
+from .registry import Conformance, available, examples, exact_for, get, make, options_of, reference_of, register
 from .persistence import load, save
 
 # Built-in strategies register themselves on import.
@@ -30,6 +31,8 @@ from .rotating import WindowReference  # noqa: E402
 
 __all__ = [
     "Cache",
+    "Conformance",
+    "Fetched",
     "Reference",
     "WindowReference",
     "QuantizedReference",
@@ -42,6 +45,7 @@ __all__ = [
     "save",
     "make",
     "options_of",
+    "reference_of",
     "register",
     "scaled_dot_product_attention",
 ]

@@ -19,40 +19,26 @@ class ConcatCache(Cache):
 
     def __init__(self) -> None:
         super().__init__()
-        self.keys = None
-        self.values = None
+        self.keys = self.values = None
 
-    def update_and_fetch(self, keys, values):
-        self.check_update(keys, values)
+    def _append(self, keys, values):
         if self.keys is None:
             self.keys, self.values = keys, values
         else:
             self.keys = mx.concatenate([self.keys, keys], axis=2)
             self.values = mx.concatenate([self.values, values], axis=2)
-        self._commit_layout(keys, values)
-        self.offset += keys.shape[2]
         return self.keys, self.values
 
     @property
     def state(self):
         return () if self.keys is None else (self.keys, self.values)
 
-    @classmethod
-    def from_state(cls, state, meta_state):
-        cache = cls()
-        if state:
-            cache.keys, cache.values = state
-            cache._commit_layout(cache.keys, cache.values)
-            cache.offset = cache.keys.shape[2]
-        return cache
+    def _restore(self, state):
+        keys, values = state
+        if keys.shape[2] != self.offset:
+            raise ValueError(f"concat cache state holds {keys.shape[2]} tokens, its offset says {self.offset}")
+        self.keys, self.values = keys, values
 
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = self._trim_count(n)
-        if n:
-            self.offset -= n
-            self.keys = self.keys[..., : self.offset, :]
-            self.values = self.values[..., : self.offset, :]
-        return n
+    def _trim(self, n):
+        self.keys = self.keys[..., : self.offset - n, :]
+        self.values = self.values[..., : self.offset - n, :]

@@ -55,6 +55,9 @@ def save(
                 f"layer {i}: {type(layer).__name__} is not registered, so it could not be loaded "
                 f"back; decorate it with @caches.register(name)"
             )
+        if not layer.can_save():
+            raise ValueError(f"layer {i}: {type(layer).__name__} cannot be saved: it does not define "
+                             f"`state` and `_restore` (see docs/architecture.md)")
         state = tuple(layer.state)
         meta = dict(layer.meta_state)
         if not all(isinstance(a, mx.array) for a in state):

@@ -10,7 +10,11 @@ from .base import Cache
 from .registry import register
 
 
-@register("preallocated")
+def _examples(head_dim: int, seq_len: int) -> list[dict]:
+    return [{}, {"step": 3}, {"capacity": seq_len}]
+
+
+@register("preallocated", examples=_examples)
 class PreallocatedCache(Cache):
     """Keys and values written in place into a buffer (mlx-lm's KVCache).
 
@@ -35,37 +39,33 @@ class PreallocatedCache(Cache):
         self.keys = None
         self.values = None
 
-    def update_and_fetch(self, keys, values):
-        self.check_update(keys, values)
-        B, H, L, Dk = keys.shape
-        prev = self.offset
-        if self.capacity is not None and prev + L > self.capacity:
+    def _check(self, keys, values):
+        held, L = self.offset, keys.shape[2]
+        if self.capacity is not None and held + L > self.capacity:
             raise ValueError(
-                f"preallocated cache is full: capacity {self.capacity} tokens, holds {prev}, "
+                f"preallocated cache is full: capacity {self.capacity} tokens, holds {held}, "
                 f"cannot add {L}; build it with a larger capacity, or capacity=None to grow"
             )
+
+    def _append(self, keys, values):
+        prev, L = self.offset, keys.shape[2]
         if self.keys is None or prev + L > self.keys.shape[2]:
-            self._grow(B, H, L, Dk, values.shape[3], keys.dtype)
+            self._grow(keys, values)
         self.keys[..., prev : prev + L, :] = keys
         self.values[..., prev : prev + L, :] = values
-        self._commit_layout(keys, values)
-        self.offset = prev + L
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return self.keys[..., : prev + L, :], self.values[..., : prev + L, :]
 
-    def _grow(self, B, H, L, Dk, Dv, dtype):
-        if self.capacity is not None:
-            slots = self.capacity
-        else:
-            slots = (self.step + L - 1) // self.step * self.step
-        new_k = mx.zeros((B, H, slots, Dk), dtype)
-        new_v = mx.zeros((B, H, slots, Dv), dtype)
+    def _grow(self, keys, values):
+        """Make room for `keys`' L tokens: capacity slots at once, else whole steps."""
+        B, H, L, Dk = keys.shape
+        slots = self.capacity if self.capacity is not None else (self.step + L - 1) // self.step * self.step
+        new_k = mx.zeros((B, H, slots, Dk), keys.dtype)
+        new_v = mx.zeros((B, H, slots, values.shape[3]), values.dtype)
         if self.keys is None:
             self.keys, self.values = new_k, new_v
         else:
-            used_k = self.keys[..., : self.offset, :]
-            used_v = self.values[..., : self.offset, :]
-            self.keys = mx.concatenate([used_k, new_k], axis=2)
-            self.values = mx.concatenate([used_v, new_v], axis=2)
+            self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
 
     @property
     def state(self):
@@ -73,32 +73,18 @@ class PreallocatedCache(Cache):
             return ()
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
-    @property
-    def meta_state(self):
-        return {"offset": str(self.offset), "step": str(self.step), "capacity": str(self.capacity)}
-
-    @classmethod
-    def from_state(cls, state, meta_state):
-        capacity = meta_state.get("capacity", "None")
-        cache = cls(step=int(meta_state.get("step", 256)),
-                    capacity=None if capacity == "None" else int(capacity))
-        if state:
-            keys, values = state
-            cache.update_and_fetch(keys, values)
-        return cache
+    def _restore(self, state):
+        keys, values = state
+        if keys.shape[2] != self.offset:
+            raise ValueError(f"preallocated cache state holds {keys.shape[2]} tokens, its offset says {self.offset}")
+        self.offset = 0
+        self._check(keys, values)
+        self._append(keys, values)
+        self.offset = keys.shape[2]
 
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = self._trim_count(n)
-        self.offset -= n
-        return n
-
-    @classmethod
-    def conformance_examples(cls, *, head_dim, seq_len):
-        return [{}, {"step": 3}, {"capacity": seq_len}]
+    def _trim(self, n):
+        pass  # the slots past the new offset are overwritten by the next update

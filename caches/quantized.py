@@ -59,42 +59,42 @@ class QuantizedReference(Reference):
         self.key_bits = bits if key_bits is None else key_bits
         self.value_bits = bits if value_bits is None else value_bits
 
-    rounds = True
-
     def transform_kv(self, keys, values):
         return (round_trip(keys, self.key_bits, self.group_size),
                 round_trip(values, self.value_bits, self.group_size))
 
-    def rounding_flips(self, computed, stored):
-        """Stored values must be this rounding of the computed ones, except values exactly one
-        quantization step away whose computed value sat on a rounding boundary (within 1% of a
-        step of the midpoint between two levels), where float noise picks the level."""
-        flips = 0
-        for name, x, kept, bits in (("keys", computed[0], stored[0], self.key_bits),
-                                    ("values", computed[1], stored[1], self.value_bits)):
-            _, scales, biases = mx.quantize(x, group_size=self.group_size, bits=bits)
-            scale = mx.repeat(scales, self.group_size, axis=-1).astype(mx.float32)  # [..., D]; may be < 0
-            bias = mx.repeat(biases, self.group_size, axis=-1).astype(mx.float32)
-            step = mx.abs(scale)
-            level = (x.astype(mx.float32) - bias) / mx.where(step > 0, scale, 1.0)  # continuous level
-            on_boundary = mx.abs(level - mx.floor(level) - 0.5) <= 0.01
-            diff = mx.abs(kept.astype(mx.float32) - round_trip(x, bits, self.group_size).astype(mx.float32))
-            slack = 1e-3 * step + 1e-7
-            off = diff > slack
-            explained = off & (mx.abs(diff - step) <= slack) & on_boundary
-            n_off, n_explained = off.sum().item(), explained.sum().item()
-            if n_off > n_explained:
-                return 0, (f"{n_off - n_explained} of {x.size} stored {name} differ from the rounded oracle "
-                           f"by other than a one-step flip on a rounding boundary")
-            flips += n_explained
-        return flips, None
+    def rounding_step(self, keys, values):
+        """One quantization step per value: the scale of its group."""
+        return (quantization_step(keys, self.key_bits, self.group_size),
+                quantization_step(values, self.value_bits, self.group_size))
 
     def __repr__(self) -> str:
         return (f"QuantizedReference(key_bits={self.key_bits}, value_bits={self.value_bits}, "
                 f"group_size={self.group_size})")
 
 
-@register("quantized")
+def quantization_step(x: mx.array, bits: int, group_size: int) -> mx.array:
+    """The distance between neighbouring levels at each value of x [..., D]: its group's scale."""
+    _, scales, _ = mx.quantize(x, group_size=group_size, bits=bits)
+    return mx.repeat(scales, group_size, axis=-1).astype(mx.float32)  # [..., D]
+
+
+def _examples(head_dim: int, seq_len: int) -> list[dict]:
+    groups = [g for g in ALLOWED_GROUP_SIZES if head_dim % g == 0]
+    if not groups:
+        return []
+    return [
+        {"bits": 4, "group_size": groups[-1]},
+        {"bits": 8, "group_size": groups[0]},
+        {"group_size": groups[0], "key_bits": 8, "value_bits": 3},
+    ]
+
+
+def _reference(cache: "QuantizedCache") -> QuantizedReference:
+    return QuantizedReference(cache.bits, cache.group_size, cache.key_bits, cache.value_bits)
+
+
+@register("quantized", reference=_reference, examples=_examples, exact=False)
 class QuantizedCache(Cache):
     """Keys and values as `bits`-bit integers with a scale and bias per `group_size` features.
 
@@ -105,8 +105,6 @@ class QuantizedCache(Cache):
     (with key/value widths averaged); 4-bit, group 64, fp16: 28% of an fp16 cache.
     The buffers grow `step` tokens at a time, like `preallocated`.
     """
-
-    exact = False
 
     def __init__(self, bits: int = 4, group_size: int = 64, key_bits: Optional[int] = None,
                  value_bits: Optional[int] = None, step: int = 256) -> None:
@@ -120,15 +118,13 @@ class QuantizedCache(Cache):
             raise ValueError(f"quantized cache: step must be an int >= 1, got {step!r}")
         self.bits, self.group_size, self.step = bits, group_size, step
         self.key_bits, self.value_bits = key_bits, value_bits
-        self.reference = QuantizedReference(bits, group_size, key_bits, value_bits)
         self.keys: Optional[list[mx.array]] = None  # [packed, scales, biases], each [B, H, S, *]
         self.values: Optional[list[mx.array]] = None
 
     def check_model(self, model: Any) -> None:
         check_head_dim(model.config.head_dim, self.group_size)
 
-    def check_update(self, keys, values):
-        super().check_update(keys, values)
+    def _check(self, keys, values):
         if keys.dtype not in FLOAT_DTYPES:
             raise TypeError(f"quantized cache stores float keys and values, got {keys.dtype}")
         check_head_dim(keys.shape[3], self.group_size)
@@ -136,10 +132,9 @@ class QuantizedCache(Cache):
 
     # -- storage ---------------------------------------------------------------------------
 
-    def update_and_fetch(self, keys, values):
+    def _append(self, keys, values):
         """Quantize and append keys/values [B, Hkv, L, D]; return the packed (w, scales,
         biases) triples of every stored token."""
-        self.check_update(keys, values)
         prev, L = self.offset, keys.shape[2]
         new_k = mx.quantize(keys, group_size=self.group_size, bits=self.key_bits)
         new_v = mx.quantize(values, group_size=self.group_size, bits=self.value_bits)
@@ -147,21 +142,18 @@ class QuantizedCache(Cache):
             self._grow(prev + L, new_k, new_v)
         for buffer, new in zip(self.keys + self.values, new_k + new_v):
             buffer[..., prev : prev + L, :] = new
-        self._commit_layout(keys, values)
-        self.offset = prev + L
-        return self._fetch()
+        return self._fetch(prev + L)
 
     def stored_kv(self) -> Optional[tuple[mx.array, mx.array]]:
         """Keys and values as attention reads them: dequantized, [B, Hkv, offset, D]."""
         if self.keys is None:
             return None
-        (kw, ks, kb), (vw, vs, vb) = self._fetch()
+        (kw, ks, kb), (vw, vs, vb) = self._fetch(self.offset)
         keys = mx.dequantize(kw, ks, kb, group_size=self.group_size, bits=self.key_bits)
         values = mx.dequantize(vw, vs, vb, group_size=self.group_size, bits=self.value_bits)
         return keys.astype(ks.dtype), values.astype(vs.dtype)
 
-    def _fetch(self) -> tuple[tuple, tuple]:
-        n = self.offset
+    def _fetch(self, n: int) -> tuple[tuple, tuple]:
         return (tuple(a[..., :n, :] for a in self.keys), tuple(a[..., :n, :] for a in self.values))
 
     def _grow(self, needed: int, new_k, new_v) -> None:
@@ -212,7 +204,7 @@ class QuantizedCache(Cache):
                                          bits=self.key_bits)  # [B, Hkv, n_rep, L, S]
         S = scores.shape[-1]
         if L > 1 or bias is not None:
-            k_positions = self.key_positions()
+            k_positions = self.fetched_positions()
             mask = self.reference.mask(q_positions, k_positions)  # [L, S] or [B, L, S]
             if mask.ndim == 3:
                 mask = mask[:, None, None]  # [B, 1, 1, L, S]
@@ -233,7 +225,13 @@ class QuantizedCache(Cache):
         return out.reshape(B, Hq, L, -1)  # [B, Hkv, n_rep, (L,) Dv] -> [B, Hq, L, Dv]
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
-        raise NotImplementedError("QuantizedCache attends in attend(); use it with kvzoo models")
+        """mlx-lm's hook. mlx-lm's quantized attention reads `bits` and `group_size` for keys
+        and values alike, so different key and value widths are refused rather than misread."""
+        if self.key_bits != self.value_bits:
+            raise NotImplementedError(
+                f"mlx-lm's quantized attention uses one bit width for keys and values; this cache "
+                f"has key_bits={self.key_bits}, value_bits={self.value_bits}: use it with kvzoo models")
+        return super().make_mask(N, return_array=return_array, window_size=window_size)
 
     # -- life-cycle ------------------------------------------------------------------------
 
@@ -241,43 +239,26 @@ class QuantizedCache(Cache):
     def state(self):
         if self.keys is None:
             return ()
-        keys, values = self._fetch()
+        keys, values = self._fetch(self.offset)
         return keys + values
 
-    @property
-    def meta_state(self):
-        return {"offset": str(self.offset), "bits": str(self.bits),
-                "group_size": str(self.group_size), "key_bits": str(self.key_bits),
-                "value_bits": str(self.value_bits), "step": str(self.step)}
-
-    @classmethod
-    def from_state(cls, state, meta_state):
-        cache = cls(bits=int(meta_state["bits"]), group_size=int(meta_state["group_size"]),
-                    key_bits=int(meta_state["key_bits"]), value_bits=int(meta_state["value_bits"]),
-                    step=int(meta_state.get("step", 256)))
-        if not state:
-            return cache
+    def _restore(self, state):
         if len(state) != 6 or not all(isinstance(a, mx.array) and a.ndim == 4 for a in state):
             raise ValueError("quantized cache state must be six 4-d arrays: key and value "
                              "(packed, scales, biases)")
-        offset = int(meta_state["offset"])
-        dk = state[0].shape[3] * 32 // cache.key_bits
-        dv = state[3].shape[3] * 32 // cache.value_bits
-        expected = [(dk * cache.key_bits // 32, mx.uint32), (dk // cache.group_size, None),
-                    (dk // cache.group_size, None), (dv * cache.value_bits // 32, mx.uint32),
-                    (dv // cache.group_size, None), (dv // cache.group_size, None)]
+        dk = state[0].shape[3] * 32 // self.key_bits
+        dv = state[3].shape[3] * 32 // self.value_bits
+        expected = [(dk * self.key_bits // 32, mx.uint32), (dk // self.group_size, None),
+                    (dk // self.group_size, None), (dv * self.value_bits // 32, mx.uint32),
+                    (dv // self.group_size, None), (dv // self.group_size, None)]
         dtype = state[1].dtype
         for a, (width, want) in zip(state, expected):
-            if a.shape[:3] != state[0].shape[:3] or a.shape[2] != offset or a.shape[3] != width \
+            if a.shape[:3] != state[0].shape[:3] or a.shape[2] != self.offset or a.shape[3] != width \
                     or a.dtype != (want or dtype):
-                raise ValueError(f"quantized cache state arrays do not fit offset {offset}, "
-                                 f"bits {cache.key_bits}/{cache.value_bits}, "
-                                 f"group_size {cache.group_size}")
-        cache.keys, cache.values = list(state[:3]), list(state[3:])
-        B, H = state[0].shape[:2]
-        cache._layout = (B, H, dk, dv, dtype)
-        cache.offset = offset
-        return cache
+                raise ValueError(f"quantized cache state arrays do not fit offset {self.offset}, "
+                                 f"bits {self.key_bits}/{self.value_bits}, "
+                                 f"group_size {self.group_size}")
+        self.keys, self.values = list(state[:3]), list(state[3:])
 
     @property
     def nbytes(self) -> int:
@@ -285,24 +266,8 @@ class QuantizedCache(Cache):
             return 0
         return sum(a.nbytes for a in self.keys + self.values)
 
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = self._trim_count(n)
-        self.offset -= n
-        return n
-
-    @classmethod
-    def conformance_examples(cls, *, head_dim, seq_len):
-        groups = [g for g in ALLOWED_GROUP_SIZES if head_dim % g == 0]
-        if not groups:
-            return []
-        return [
-            {"bits": 4, "group_size": groups[-1]},
-            {"bits": 8, "group_size": groups[0]},
-            {"group_size": groups[0], "key_bits": 8, "value_bits": 3},
-        ]
+    def _trim(self, n):
+        pass  # slots past the new offset are overwritten by the next update
 
     def __repr__(self) -> str:
         return (f"QuantizedCache(key_bits={self.key_bits}, value_bits={self.value_bits}, "

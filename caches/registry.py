@@ -1,25 +1,71 @@
-"""Cache registry: `@register(name)` on a Cache subclass; `make(name, model, **options)`."""
+"""Cache registry: `@register(name, ...)` on a Cache subclass; `make(name, model, **options)`.
+
+What a cache declares for verification is declared here, once, beside its name:
+
+    @caches.register("rotating",
+                     reference=lambda cache: WindowReference(cache.max_size, cache.keep),
+                     examples=lambda head_dim, seq_len: [{"max_size": seq_len // 3, "keep": 2}],
+                     exact=lambda seq_len, max_size, keep: seq_len <= max_size)
+
+- `reference(cache)`: what the uncached oracle must do to reproduce this cache (default: the
+  true model, `caches.EXACT`);
+- `examples(head_dim, seq_len)`: option sets worth testing on such a model and sequence ([] if
+  the cache cannot serve it; default `[{}]`, the defaults);
+- `exact`: True when the cache reproduces the true model for every sequence, False when never,
+  or a function of (seq_len, **options) for "sometimes" (default True).
+
+The property test, `kvzoo check`, `kvzoo bench` and `kvzoo study` read only these, so a newly
+registered cache is covered everywhere with no other edit.
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+from kvzoo.registry import Registry
 
 from .base import Cache
+from .reference import EXACT, Reference
 
-_CACHES: dict[str, type[Cache]] = {}
+
+@dataclass(frozen=True)
+class Conformance:
+    """What a registered cache declares for the conformance kit (see the module docstring)."""
+
+    reference: Callable[[Cache], Reference] = lambda cache: EXACT
+    examples: Callable[[int, int], list[dict[str, Any]]] = lambda head_dim, seq_len: [{}]
+    exact: Union[bool, Callable[..., bool]] = True
 
 
-def register(name: str) -> Callable[[type[Cache]], type[Cache]]:
-    """Class decorator: make a Cache subclass available as `name`."""
+def _check(name: str, cls: Any) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Cache)):
+        raise TypeError(f"caches.register({name!r}) needs a Cache subclass, got {cls!r}")
+
+
+CACHES: Registry[type[Cache]] = Registry("cache", check=_check)
+
+
+def register(
+    name: str,
+    *,
+    reference: Optional[Callable[[Cache], Reference]] = None,
+    examples: Optional[Callable[[int, int], list[dict[str, Any]]]] = None,
+    exact: Union[bool, Callable[..., bool]] = True,
+) -> Callable[[type[Cache]], type[Cache]]:
+    """Class decorator: make a Cache subclass available as `name`, with what it declares for
+    verification (module docstring)."""
+    declared = Conformance(
+        reference=reference or Conformance.reference,
+        examples=examples or Conformance.examples,
+        exact=exact,
+    )
 
     def add(cls: type[Cache]) -> type[Cache]:
-        if not (isinstance(cls, type) and issubclass(cls, Cache)):
-            raise TypeError(f"caches.register({name!r}) needs a Cache subclass, got {cls!r}")
-        if name in _CACHES and _CACHES[name].__qualname__ != cls.__qualname__:
-            raise ValueError(f"cache name {name!r} is already registered to {_CACHES[name].__name__}")
+        CACHES.add(name, cls)
         cls.name = name
-        _CACHES[name] = cls
+        cls.conformance = declared
         return cls
 
     return add
@@ -27,14 +73,12 @@ def register(name: str) -> Callable[[type[Cache]], type[Cache]]:
 
 def available() -> list[str]:
     """Names of all registered caches."""
-    return sorted(_CACHES)
+    return CACHES.available()
 
 
 def get(name: str) -> type[Cache]:
     """The cache class registered as `name`."""
-    if name not in _CACHES:
-        raise ValueError(f"unknown cache {name!r}; registered caches: {', '.join(available())}")
-    return _CACHES[name]
+    return CACHES.get(name)
 
 
 def options_of(name: str) -> dict[str, Any]:
@@ -60,14 +104,29 @@ def make(name: str, model: Any, **options: Any) -> list[Cache]:
     return caches
 
 
+def _declared(name: str) -> Conformance:
+    return get(name).conformance or Conformance()
+
+
 def examples(name: str, *, head_dim: int, seq_len: int) -> list[dict[str, Any]]:
     """Option sets of cache `name` worth testing on a model with this head size and a sequence
     this long ([] if the cache cannot serve such a model). The property test, `kvzoo check`,
     `kvzoo bench` and `kvzoo study` draw from it, so a registered cache is covered everywhere."""
-    return get(name).conformance_examples(head_dim=head_dim, seq_len=seq_len)
+    return list(_declared(name).examples(head_dim, seq_len))
 
 
-def exact_for(name: str, *, seq_len: int, **options: Any) -> bool:
+def exact_for(name: str, *, seq_len: Optional[int] = None, **options: Any) -> bool:
     """Whether cache `name` with `options` reproduces the true uncached model (not only its own
-    reference) over a sequence of `seq_len` tokens."""
-    return get(name).exact_for(seq_len=seq_len, **options)
+    reference) over a sequence of `seq_len` tokens; with seq_len=None, for every sequence."""
+    exact = _declared(name).exact
+    if isinstance(exact, bool):
+        return exact
+    if seq_len is None:
+        return False  # exact only sometimes
+    defaults = {k: v for k, v in options_of(name).items() if v is not inspect.Parameter.empty}
+    return bool(exact(seq_len=seq_len, **{**defaults, **options}))
+
+
+def reference_of(name: str, **options: Any) -> Reference:
+    """The reference of cache `name` built with `options` (what its uncached oracle does)."""
+    return get(name)(**options).reference

@@ -16,17 +16,14 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .attention import Bias, fast_sdpa, scaled_dot_product_attention
-from .base import Cache
-from .reference import EXACT, Reference
+from .base import Cache, Fetched
+from .reference import Reference
 from .registry import register
 
 
 class WindowReference(Reference):
     """Sliding-window visibility with sinks: query p sees key s iff s <= p and
     (s < keep or s > p - (max_size - keep))."""
-
-    causal = False
 
     def __init__(self, max_size: int, keep: int) -> None:
         self.max_size = max_size
@@ -47,20 +44,29 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"rotating cache: {name} must be an int >= {low}, got {value!r}")
 
 
-@register("rotating")
+def _examples(head_dim: int, seq_len: int) -> list[dict]:
+    small = max(2, seq_len // 3)  # wraps: seq_len > small
+    return [
+        {"max_size": max(1, seq_len // 3), "keep": 0},
+        {"max_size": small, "keep": min(2, small - 1)},
+        {"max_size": seq_len, "keep": min(4, seq_len - 1)},  # fits: exact vs the true model
+    ]
+
+
+@register("rotating", reference=lambda cache: WindowReference(cache.max_size, cache.keep),
+          examples=_examples, exact=lambda seq_len, max_size, keep: seq_len <= max_size)
 class RotatingCache(Cache):
     """At most `max_size` tokens: the first `keep` (attention sinks) and the last
     `max_size - keep` (mlx-lm's RotatingKVCache, exact for every prefill chunking).
 
     Exact against `WindowReference(max_size, keep)` always, and against the true uncached
-    model while the sequence fits in `max_size` (`exact_for`). Decoding writes one slot in
-    place; a prefill chunk of L tokens attends to sinks + the last W-1 stored tokens + its own
-    L keys (a transient max_size - 1 + L slots), then stores only what the window keeps.
+    model while the sequence fits in `max_size`. Decoding writes one slot in place; a prefill
+    chunk of L tokens attends to sinks + the last W-1 stored tokens + its own L keys (a
+    transient max_size - 1 + L slots), then stores only what the window keeps.
     Memory: 2 * B * n_kv_heads * min(offset, max_size) * head_dim * itemsize bytes (the buffer
     grows `step` slots at a time up to max_size, then stays constant however long the run).
     """
 
-    exact = False  # only while the sequence fits in max_size: see exact_for
     step = 256
 
     def __init__(self, max_size: int = 4096, keep: int = 4) -> None:
@@ -75,21 +81,10 @@ class RotatingCache(Cache):
         self.max_size = max_size
         self.keep = keep
         self.window = max_size - keep  # W: ring slots for the most recent tokens
-        self.reference = WindowReference(max_size, keep)
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
-        # What the last update_and_fetch returned: None = the stored slots (in slot order), or
-        # (n_sinks, first, prev, L) = positions [0, n_sinks) + [first, prev + L): the sinks, the
-        # window tokens before the chunk, the chunk.
-        self._fetched: Optional[tuple[int, int, int, int]] = None
-
-    @classmethod
-    def exact_for(cls, *, seq_len: int, max_size: int = 4096, keep: int = 4, **_: Any) -> bool:
-        """Exact against the true uncached model while nothing has left the window."""
-        return seq_len <= max_size
 
     # -- storage ---------------------------------------------------------------------------
-
     def _slot(self, position: int) -> int:
         if position < self.keep:
             return position
@@ -127,22 +122,19 @@ class RotatingCache(Cache):
             self.values[..., slot : slot + n, :] = values[..., index : index + n, :]
             position, index = position + n, index + n
 
-    def update_and_fetch(self, keys, values):
-        self.check_update(keys, values)
+    def _append(self, keys, values):
         prev, L = self.offset, keys.shape[2]
         if prev + L <= self.max_size or L == 1:
             # Fits before the wrap, or one decoded token: write in place, return the buffer.
             self._reserve(min(prev + L, self.max_size), keys, values)
             self._write(prev, keys, values)
-            fetched = None
-        else:
-            out_k, out_v, fetched = self._chunk_across_wrap(keys, values)
-        self._commit_layout(keys, values)
-        self.offset = prev + L
-        self._fetched = fetched
-        if fetched is not None:
-            return out_k, out_v
-        return self.state
+            n = min(prev + L, self.max_size)
+            stored_k, stored_v = self.keys[..., :n, :], self.values[..., :n, :]
+            if prev + L <= self.max_size:
+                return stored_k, stored_v  # positions 0..prev+L-1 in order; nothing hidden
+            # One query over the whole ring: it sees every stored slot.
+            return Fetched(stored_k, stored_v, lambda: self._ring_positions(prev + 1), causal=True)
+        return self._chunk_across_wrap(keys, values)
 
     def _chunk_across_wrap(self, keys, values):
         """A chunk of L > 1 tokens that crosses max_size.
@@ -161,6 +153,7 @@ class RotatingCache(Cache):
                 pieces_v.append(self.values[..., start:stop, :])
         out_k = mx.concatenate(pieces_k + [keys], axis=2)
         out_v = mx.concatenate(pieces_v + [values], axis=2)
+        positions = self._chunk_positions(prev, L)
 
         # Store: new sinks (positions < keep), then the last W positions of the sequence.
         end = prev + L
@@ -171,7 +164,17 @@ class RotatingCache(Cache):
         tail = max(self.keep, end - self.window, prev)  # first new position the window keeps
         if tail < end:
             self._write(tail, keys[..., tail - prev :, :], values[..., tail - prev :, :])
-        return out_k, out_v, (n_sinks, first, prev, L)
+        return Fetched(out_k, out_v, positions, causal=False)
+
+    def _chunk_positions(self, prev: int, L: int) -> mx.array:
+        """Positions a chunk of L tokens after `prev` fetches: sinks, the W-1 stored tokens
+        before it that its first query still sees, then the chunk itself."""
+        n_sinks = min(self.keep, prev)
+        first = min(prev, max(self.keep, prev - self.window + 1))  # oldest window token it sees
+        return mx.concatenate([
+            mx.arange(n_sinks, dtype=mx.int32),
+            mx.arange(first, prev + L, dtype=mx.int32),  # the kept window, then the chunk
+        ])
 
     def _ring_runs(self, first: int, stop: int) -> list[tuple[int, int]]:
         """Slot ranges holding positions first..stop-1 (all in the ring) in time order."""
@@ -185,61 +188,23 @@ class RotatingCache(Cache):
             runs.append((self.keep, self.keep + n - head))
         return runs
 
-    def key_positions(self) -> mx.array:
-        if self._fetched is not None:
-            n_sinks, first, prev, L = self._fetched
-            return mx.concatenate([
-                mx.arange(n_sinks, dtype=mx.int32),
-                mx.arange(first, prev + L, dtype=mx.int32),  # the kept window, then the chunk
-            ])
-        if not self.wrapped:
-            return mx.arange(self.offset, dtype=mx.int32)
+    def _ring_positions(self, offset: int) -> mx.array:
+        """Position held by each slot once `offset` tokens were written past the wrap."""
         # Ring slot keep + r holds the latest position p <= offset-1 with (p - keep) % W == r.
-        last = self.offset - 1
+        last = offset - 1
         r = mx.arange(self.window, dtype=mx.int32)
         ring = last - (last - self.keep - r) % self.window  # last - keep - r >= 0 once wrapped
         return mx.concatenate([mx.arange(self.keep, dtype=mx.int32), ring])
 
-    @property
-    def keys_in_order(self) -> bool:
-        if self._fetched is not None:
-            n_sinks, first, _, _ = self._fetched
-            return first == n_sinks  # nothing dropped between the sinks and the window
-        return not self.wrapped
+    def _positions(self):
+        return self._ring_positions(self.offset) if self.wrapped else None
 
-    # -- attention -------------------------------------------------------------------------
-
-    def attend(
-        self,
-        queries: mx.array,
-        keys: mx.array,
-        values: mx.array,
-        *,
-        scale: float,
-        q_positions: mx.array,
-        bias: Optional[Bias] = None,
-    ) -> mx.array:
-        """As Cache.attend, with the causal fast paths wherever the window hides nothing."""
-        L = queries.shape[2]
-        keys, values = self.update_and_fetch(keys, values)
-        if self.offset <= self.max_size:
-            # Every position so far is stored, in order, and no query reaches past the window.
-            reference, k_positions = EXACT, None
-        elif L == 1:
-            # One query over the whole ring: it sees every stored slot; only bias needs positions.
-            if bias is None:
-                return fast_sdpa(queries, keys, values, scale=scale)
-            reference, k_positions = EXACT, self.key_positions()
-        else:
-            reference, k_positions = self.reference, self.key_positions()
-        return scaled_dot_product_attention(
-            queries, keys, values, scale=scale, q_positions=q_positions,
-            k_positions=k_positions, reference=reference, bias=bias,
-        )
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
-        raise NotImplementedError("RotatingCache builds its window mask in attend(); "
-                                  "use it with kvzoo models")
+    def _upcoming(self, n: int):
+        if self.offset + n <= self.max_size:
+            return None, True
+        if n == 1:
+            return self._ring_positions(self.offset + 1), True
+        return self._chunk_positions(self.offset, n), False
 
     # -- life-cycle ------------------------------------------------------------------------
 
@@ -253,55 +218,24 @@ class RotatingCache(Cache):
         n = self.size()
         return self.keys[..., :n, :], self.values[..., :n, :]
 
-    @property
-    def meta_state(self):
-        return {"offset": str(self.offset), "max_size": str(self.max_size), "keep": str(self.keep)}
-
-    @classmethod
-    def from_state(cls, state, meta_state):
-        cache = cls(max_size=int(meta_state["max_size"]), keep=int(meta_state["keep"]))
-        offset = int(meta_state["offset"])
-        if not state:
-            if offset:
-                raise ValueError(f"rotating cache state has no arrays but offset {offset}")
-            return cache
+    def _restore(self, state):
         keys, values = state
-        cache.check_update(keys, values)
-        if keys.shape[2] != min(offset, cache.max_size):
+        self.check_update(keys, values)
+        if keys.shape[2] != min(self.offset, self.max_size):
             raise ValueError(
-                f"rotating cache state holds {keys.shape[2]} slots; offset {offset} with "
-                f"max_size {cache.max_size} needs {min(offset, cache.max_size)}"
-            )
-        cache.keys, cache.values = keys, values
-        cache._commit_layout(keys, values)
-        cache.offset = offset
-        return cache
+                f"rotating cache state holds {keys.shape[2]} slots; offset {self.offset} with "
+                f"max_size {self.max_size} needs {min(self.offset, self.max_size)}")
+        self.keys, self.values = keys, values
 
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
-    def is_trimmable(self) -> bool:
-        return not self.wrapped
+    def _trim_refusal(self) -> Optional[str]:
+        if self.wrapped:
+            return (f"once it has wrapped: it holds {self.offset} tokens' worth of positions in "
+                    f"{self.max_size} slots, so the tokens before the window are gone")
+        return None
 
-    def _why_not_trimmable(self) -> str:
-        return (f"once it has wrapped: it holds {self.offset} tokens' worth of positions in "
-                f"{self.max_size} slots, so the tokens before the window are gone")
-
-    def trim(self, n: int) -> int:
-        n = self._trim_count(n)
-        self.offset -= n
-        self._fetched = None
-        return n
-
-    @classmethod
-    def conformance_examples(cls, *, head_dim, seq_len):
-        small = max(2, seq_len // 3)  # wraps: seq_len > small
-        return [
-            {"max_size": max(1, seq_len // 3), "keep": 0},
-            {"max_size": small, "keep": min(2, small - 1)},
-            {"max_size": seq_len, "keep": min(4, seq_len - 1)},  # fits: exact vs the true model
-        ]
-
-    def __repr__(self) -> str:
-        return f"RotatingCache(max_size={self.max_size}, keep={self.keep}, offset={self.offset})"
+    def _trim(self, n):
+        pass  # before the wrap, slots past the new offset are simply overwritten later

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, settings
 import zoo  # noqa: E402,F401  (before any test imports mlx)
 import kvzoo.blas  # noqa: E402
 
+import pytest  # noqa: E402
+
 
 def pytest_report_header(config) -> str:
     return f"kvzoo BLAS: {kvzoo.blas.choice().describe()}"
@@ -29,3 +31,21 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("kvzoo")
+
+
+@pytest.fixture
+def registered():
+    """`registered(name, cls)`: register a test-only cache, unregistered after the test."""
+    import caches
+    from caches.registry import CACHES
+
+    names = []
+
+    def add(name, cls):
+        caches.register(name)(cls)
+        names.append(name)
+
+    yield add
+    for name in names:
+        if name in CACHES:
+            CACHES.remove(name)

@@ -24,8 +24,11 @@ def report(tmp_path_factory) -> dict:
 
 
 def expected_caches() -> list[str]:
-    registered = set(caches.available())
-    return [c.cache for c in bench.COUNTERPARTS if c.cache in registered] + [bench.NO_CACHE]
+    return caches.available() + [bench.NO_CACHE]
+
+
+def with_twin(name: str) -> bool:
+    return name == bench.NO_CACHE or name in {c.cache for c in bench.COUNTERPARTS}
 
 
 def positive(x) -> bool:
@@ -37,11 +40,15 @@ def test_every_registered_cache_is_timed_on_both_sides(report):
     for config in report["configs"].values():
         rows = {row["cache"]: row for row in config["results"]}
         assert list(rows) == expected_caches()
-        for row in rows.values():
+        for name, row in rows.items():
             for phase in ("prefill", "decode"):
                 speeds = row[phase]["tokens_per_s"]
-                assert positive(speeds["kvzoo"]) and positive(speeds["mlx_lm"])
-                assert row[phase]["ratio"] == pytest.approx(speeds["kvzoo"] / speeds["mlx_lm"])
+                assert positive(speeds["kvzoo"])
+                if with_twin(name):
+                    assert positive(speeds["mlx_lm"])
+                    assert row[phase]["ratio"] == pytest.approx(speeds["kvzoo"] / speeds["mlx_lm"])
+                else:
+                    assert speeds["mlx_lm"] is None and row[phase]["ratio"] is None and row["mlx_lm"] == "-"
             assert positive(row["decode"]["fraction_of_limit"]["kvzoo"])
         assert rows["preallocated"]["mlx_lm"] == "KVCache"
         assert positive(config["limit_tokens_per_s"]) and positive(config["weight_bytes_per_token"])
@@ -54,7 +61,8 @@ def test_the_sweep_covers_every_cache_and_context(report):
         for name in expected_caches():
             for context in contexts:
                 point = points[(name, context)]
-                assert positive(point["tokens_per_s"]["kvzoo"]) and positive(point["tokens_per_s"]["mlx_lm"])
+                assert positive(point["tokens_per_s"]["kvzoo"])
+                assert positive(point["tokens_per_s"]["mlx_lm"]) == with_twin(name)
         for context in contexts:  # exact caches hold what mlx-lm's hold, byte for byte
             for name in ("concat", "preallocated"):
                 nbytes = points[(name, context)]["nbytes"]
@@ -79,3 +87,20 @@ def test_the_report_names_the_machine_and_blas(report):
 def test_bad_arguments_are_clear_errors(argv, message, capsys):
     assert cli(["bench", "--smoke", "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_plugin_cache_is_timed_on_the_kvzoo_side_with_a_dash_for_mlx_lm(capsys, tmp_path):
+    from helpers.assets import ROOT
+    from helpers.user_caches import forget_plugin
+
+    plugin = str(ROOT / "docs" / "examples" / "half_cache.py")
+    forget_plugin("half", "half_cache")
+    assert cli(["bench", "--smoke", "--no-progress", "--plugin", plugin, "--caches", "half,concat",
+                "--configs", "llama", "--out", str(tmp_path)]) == 0
+    forget_plugin("half", "half_cache")
+    out = capsys.readouterr().out
+    half = next(line for line in out.splitlines() if line.startswith("half "))
+    assert half.split()[1] == "-" and half.count(" - ") >= 2
+    rows = {r["cache"]: r for r in json.loads((tmp_path / "bench.json").read_text())["configs"]["llama"]["results"]}
+    assert rows["half"]["decode"]["ratio"] is None and positive(rows["half"]["decode"]["tokens_per_s"]["kvzoo"])
+    assert rows["half"]["nbytes_per_token"] == pytest.approx(rows["concat"]["nbytes_per_token"] / 2)

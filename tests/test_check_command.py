@@ -10,7 +10,7 @@ import caches
 import positional
 import zoo
 from helpers.assets import require_asset
-from test_extending import ForgetfulCache, registered  # noqa: F401  (fixture)
+from helpers.user_caches import ForgetfulCache
 from zoo.cli import main
 
 
@@ -18,7 +18,7 @@ def test_check_runs_every_pairing_and_passes(capsys):
     assert main(["check"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.endswith(" ok") or "FAIL" in line]
-    n_options = sum(len(caches.get(n).conformance_examples(head_dim=32, seq_len=36))
+    n_options = sum(len(caches.examples(n, head_dim=32, seq_len=36))
                     for n in caches.available())
     assert len(rows) == len(zoo.available()) * len(positional.available()) * 3 * n_options
     assert "FAIL" not in out
@@ -26,7 +26,7 @@ def test_check_runs_every_pairing_and_passes(capsys):
         assert name in out
 
 
-def test_check_selects_and_fails_loudly(capsys, registered):  # noqa: F811
+def test_check_selects_and_fails_loudly(capsys, registered):
     registered("test-forgetful", ForgetfulCache)
     status = main(["check", "--families", "gpt2", "--positional", "alibi",
                    "--caches", "concat", "test-forgetful", "--layouts", "MQA"])
@@ -69,7 +69,7 @@ def test_check_a_real_checkpoint_with_every_cache(capsys):
     assert "stories260K.gguf; prompt 'Once upon a time, there was a little'" in out
 
 
-def test_check_a_real_checkpoint_catches_a_broken_cache(capsys, registered):  # noqa: F811
+def test_check_a_real_checkpoint_catches_a_broken_cache(capsys, registered):
     registered("test-forgetful", ForgetfulCache)
     gguf = str(require_asset("stories260K/stories260K.gguf"))
     status = main(["check", "--model", gguf, "--caches", "concat", "test-forgetful", "--prompt", "Tom had a dog"])

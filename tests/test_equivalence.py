@@ -2,7 +2,7 @@
 
 For random model configs (family, positional scheme, MHA/GQA/MQA, layers, head size), random
 tokens, random prefill chunking and decode lengths, and every registered cache (with the option
-sets the cache itself declares in `conformance_examples`), the cached logits at every position
+sets the cache itself declares at registration: `caches.examples`), the cached logits at every position
 match the uncached forward under the cache's reference, and greedy decoding through the
 canonical loop emits the tokens repeated uncached forwards emit. A newly registered cache is
 covered with no edit here.
@@ -38,7 +38,7 @@ GRID = [
 @pytest.mark.parametrize("family,scheme,cache_name,n_kv_heads", GRID)
 def test_grid_every_registered_pairing(family, scheme, cache_name, n_kv_heads):
     """Each family x scheme x cache x layout at least once, with every declared option set."""
-    for options in caches.get(cache_name).conformance_examples(head_dim=32, seq_len=30):
+    for options in caches.examples(cache_name, head_dim=32, seq_len=30):
         s = dict(family=family, cache=cache_name, options=options, prompt_len=18, decode=12,
                  chunks=[7, 1, 1, 9, 1, 11], prefill_step=5, seed=len(GRID),
                  config=dict(positional=scheme, n_heads=4, n_kv_heads=n_kv_heads, head_dim=32,

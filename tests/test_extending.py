@@ -1,85 +1,170 @@
-"""A user's own cache: registering it is enough for the property test, the conformance kit and
-`kvzoo check` to cover it; a cache that breaks its contract is caught by each of them."""
+"""A user's own cache: registering it is enough for the property test, the conformance kit, the
+life-cycle checks and `kvzoo check` to cover it, from a file or an installed plugin; a cache that
+breaks its contract is caught by each of them.
+
+The documented example caches (docs/examples/*.py: exact, window, rounding) are run here, so
+the docs cannot drift from what works.
+"""
 
 from __future__ import annotations
 
-import mlx.core as mx
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 import caches
-from caches import conformance, registry
+from caches import conformance
+from caches.registry import CACHES
+from helpers.assets import ROOT
 from helpers.equivalence import run_scenario
+from helpers.lifecycle import check_failed_update, check_save_load, check_trim
+from helpers.user_caches import ForgetfulCache, LyingOrderCache, NewestFirstCache, forget_plugin
+from kvzoo import plugins
+from zoo.cli import main
 from zoo.cli.check import check_pairings
 
-
-class NewestFirstCache(caches.Cache):
-    """Stores keys newest first: exact, but never in order, so masks come from key_positions."""
-
-    def __init__(self):
-        super().__init__()
-        self.keys = self.values = None
-
-    def update_and_fetch(self, keys, values):
-        self.check_update(keys, values)
-        keys, values = keys[:, :, ::-1], values[:, :, ::-1]  # [B, H, L, D], newest first
-        if self.keys is not None:
-            keys = mx.concatenate([keys, self.keys], axis=2)
-            values = mx.concatenate([values, self.values], axis=2)
-        self.keys, self.values = keys, values
-        self._commit_layout(keys, values)
-        self.offset = keys.shape[2]
-        return self.keys, self.values
-
-    def key_positions(self):
-        return mx.arange(self.offset - 1, -1, -1, dtype=mx.int32)
-
-    @property
-    def keys_in_order(self):
-        return False
-
-    @property
-    def state(self):
-        return () if self.keys is None else (self.keys, self.values)
-
-
-class LyingOrderCache(NewestFirstCache):
-    """The nanoGPT-style bug: slots out of time order, but claims they are in order."""
-
-    @property
-    def keys_in_order(self):
-        return True
-
-
-class ForgetfulCache(NewestFirstCache):
-    """Silently drops the oldest token once it holds 6, while declaring the exact reference."""
-
-    def update_and_fetch(self, keys, values):
-        k, v = super().update_and_fetch(keys, values)
-        return k[:, :, :6], v[:, :, :6]
-
-    def key_positions(self):
-        return super().key_positions()[:6]
+EXAMPLES_DIR = ROOT / "docs" / "examples"
+# file -> (registered name, most lines, most protocol names a writer has to know)
+DOCUMENTED = {
+    "list_cache.py": ("list", 40, 8),
+    "last_n_cache.py": ("last-n", 60, 11),
+    "half_cache.py": ("half", 60, 11),
+}
 
 
 @pytest.fixture
-def registered():
-    names = []
+def example():
+    """`example(file)`: load a documented example cache as a plugin; unregistered afterwards."""
+    loaded = []
 
-    def add(name, cls):
-        caches.register(name)(cls)
-        names.append(name)
+    def load(file):
+        name = DOCUMENTED[file][0]
+        if name in CACHES:  # a previous test's registration of the same file
+            CACHES.remove(name)
+        module = plugins.load(str(EXAMPLES_DIR / file))
+        sys.modules.pop(module.__name__, None)  # the next load re-registers from the file
+        loaded.append(name)
+        return name
 
-    yield add
-    for name in names:
-        registry._CACHES.pop(name)
+    yield load
+    for name in loaded:
+        if name in CACHES:
+            CACHES.remove(name)
 
 
-def scenario(cache_name, scheme, family="llama", n_kv_heads=2):
-    return dict(family=family, cache=cache_name, options={}, prompt_len=10, decode=6,
+def scenario(cache_name, scheme, family="llama", n_kv_heads=2, options=None):
+    return dict(family=family, cache=cache_name, options=options or {}, prompt_len=10, decode=6,
                 chunks=[4, 1, 7, 1, 1, 1, 1], prefill_step=3, seed=5,
                 config=dict(positional=scheme, n_heads=4, n_kv_heads=n_kv_heads, head_dim=16,
                             n_layers=2, d_model=32, vocab_size=50, d_ff=32, max_positions=64,
                             init_std=0.1))
+
+
+def protocol_names(path) -> set[str]:
+    """What a reader must know of kvzoo's protocol to write this file: the `caches.` names it
+    uses, the Cache/Reference hooks it defines, and the base attributes it reads (`self.offset`)."""
+    tree = ast.parse(path.read_text())
+    names = {n.attr for n in ast.walk(tree)
+             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "caches"}
+    hooks = set(vars(caches.Cache)) | set(vars(caches.Reference))
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        names |= {f.name for f in cls.body if isinstance(f, ast.FunctionDef) and f.name in hooks}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+              and isinstance(n.value, ast.Name) and n.value.id == "self" and n.attr in ("offset",)}
+    return names
+
+
+@pytest.mark.parametrize("file", sorted(DOCUMENTED))
+def test_documented_example_caches_are_one_small_file(file):
+    _, max_lines, max_names = DOCUMENTED[file]
+    path = EXAMPLES_DIR / file
+    assert len(path.read_text().splitlines()) <= max_lines
+    names = protocol_names(path)
+    assert len(names) <= max_names, sorted(names)
+    assert "_append" in names and "register" in names
+
+
+@pytest.mark.parametrize("scheme", ["learned", "rope", "alibi"])
+@pytest.mark.parametrize("file", sorted(DOCUMENTED))
+def test_documented_example_caches_pass_the_property_checks(example, file, scheme):
+    name = example(file)
+    for options in caches.examples(name, head_dim=16, seq_len=17):
+        for n_kv_heads in (4, 1):
+            run_scenario(scenario(name, scheme, n_kv_heads=n_kv_heads, options=options))
+
+
+@pytest.mark.parametrize("file", sorted(DOCUMENTED))
+def test_documented_example_caches_pass_the_life_cycle_checks(example, file, tmp_path):
+    import zoo
+
+    name = example(file)
+    model = zoo.build("llama", preset="tiny", positional="alibi", n_kv_heads=2, seed=11)
+    for i, options in enumerate(caches.examples(name, head_dim=32, seq_len=24)):
+        trimmed = check_trim(model, name, options)
+        assert trimmed == (name != "last-n")  # what each one says it can do
+        (tmp_path / str(i)).mkdir()
+        assert check_save_load(model, name, options, tmp_path / str(i))
+        check_failed_update(model, name, options)
+
+
+def test_kvzoo_check_covers_a_plugin_file(capsys):
+    status = main(["check", "--plugin", str(EXAMPLES_DIR / "half_cache.py"), "--caches", "half",
+                   "--positional", "rope", "alibi"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows = [line for line in out.splitlines() if " half " in line]
+    assert len(rows) == 2 * 2 * 3 and all(r.endswith("ok") for r in rows)  # families x schemes x layouts
+    forget_plugin("half", "half_cache")
+
+
+def test_a_missing_plugin_is_a_clear_error(capsys):
+    assert main(["check", "--plugin", "no/such/file.py"]) == 2
+    assert "plugin file no/such/file.py does not exist" in capsys.readouterr().err
+    assert main(["check", "--plugin", "no_such_module_xyz"]) == 2
+    assert "plugin 'no_such_module_xyz'" in capsys.readouterr().err
+
+
+def test_an_installed_plugin_reaches_kvzoo_check(tmp_path):
+    """A package declaring the entry-point group kvzoo.plugins is loaded by every command."""
+    site = tmp_path / "site"
+    (site / "my_kvzoo_plugin").mkdir(parents=True)
+    (site / "my_kvzoo_plugin" / "__init__.py").write_text(
+        (EXAMPLES_DIR / "list_cache.py").read_text())
+    info = site / "my_kvzoo_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-kvzoo-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[kvzoo.plugins]\nlist = my_kvzoo_plugin\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+    command = [sys.executable, "-m", "zoo.cli", "check", "--caches", "list", "--families", "gpt2",
+               "--positional", "alibi", "--layouts", "GQA"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert any(" list " in line and line.endswith("ok") for line in done.stdout.splitlines())
+    skipped = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                             env={**env, "KVZOO_NO_PLUGINS": "1"})
+    assert skipped.returncode == 2 and "unknown cache 'list'" in skipped.stderr
+
+
+def test_a_broken_installed_plugin_is_named(tmp_path):
+    site = tmp_path / "site"
+    info = site / "broken_plugin-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[kvzoo.plugins]\nbroken = no_such_module_abc\n")
+    code = textwrap.dedent("""
+        from kvzoo import plugins
+        try:
+            plugins.load_installed()
+        except plugins.PluginError as error:
+            print(error)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "installed plugin 'broken'" in done.stdout and "KVZOO_NO_PLUGINS=1" in done.stdout
 
 
 @pytest.mark.parametrize("scheme", ["learned", "rope", "alibi"])

@@ -140,3 +140,43 @@ def test_mlx_lm_rope_traditional_field_is_honoured(tmp_path):
     assert loaded.config.rope_traditional
     np.testing.assert_allclose(np.array(loaded(BATCH)), expected, atol=LOGIT_TOL, rtol=0)
     np.testing.assert_allclose(np.array(model(BATCH)), expected, atol=LOGIT_TOL, rtol=0)
+
+
+# -- kvzoo caches inside mlx-lm models ------------------------------------------------------
+
+IN_MLX_LM = [
+    (name, options)
+    for name in ("concat", "preallocated", "rotating", "quantized")
+    for options in __import__("caches").examples(name, head_dim=32, seq_len=30)
+]
+
+
+def _feed(model, cache, tokens, chunks):
+    outs, start = [], 0
+    for size in chunks:
+        outs.append(model(mx.array(tokens[start : start + size])[None], cache=cache)[0])
+        start += size
+    return mx.concatenate(outs, axis=0)
+
+
+@pytest.mark.parametrize("name,options", IN_MLX_LM, ids=[f"{n}-{o}" for n, o in IN_MLX_LM])
+def test_every_builtin_cache_serves_an_mlx_lm_model(name, options):
+    """mlx-lm's llama (its attention, masks via make_mask, quantized attention path) with a kvzoo
+    cache gives kvzoo's logits with the same cache, chunk by chunk across a rotating wrap; a
+    cache mlx-lm cannot drive correctly is refused with the reason instead."""
+    import caches
+    from zoo.checkpoints.mlx_lm import to_mlx_lm
+
+    require_module("mlx_lm")
+    model = zoo.build("llama", preset="tiny", n_kv_heads=2, seed=3)
+    twin = to_mlx_lm(model)
+    tokens = [int(t) for t in np.random.RandomState(5).randint(0, 96, 30)]
+    chunks = [7, 1, 11, 1, 1, 9]
+    ours = _feed(lambda t, cache: model(t, cache), caches.make(name, model, **options), tokens, chunks)
+    theirs_cache = caches.make(name, model, **options)
+    if options.get("key_bits", options.get("bits")) != options.get("value_bits", options.get("bits")):
+        with pytest.raises(NotImplementedError, match="one bit width"):
+            _feed(twin, theirs_cache, tokens, chunks)
+        return
+    theirs = _feed(twin, theirs_cache, tokens, chunks)
+    assert mx.abs(ours - theirs).max().item() <= LOGIT_TOL

@@ -93,7 +93,8 @@ class MislabelledQuantizedCache(QuantizedCache):
 
     def __init__(self, **options):
         super().__init__(bits=8, group_size=32)
-        self.key_bits = 6
+        self.reference = QuantizedReference(bits=8, group_size=32)  # declared...
+        self.key_bits = 6  # ...but not what it stores
 
 
 def test_the_kit_explains_boundary_flips_but_not_a_wrong_rounding():
@@ -202,9 +203,9 @@ def test_head_size_no_group_fits_and_direct_use_is_checked():
     model = zoo.build("llama", preset="tiny", head_dim=8)
     with pytest.raises(ValueError, match="head size 8.*none"):
         caches.make("quantized", model, group_size=32)
-    assert QuantizedCache.conformance_examples(head_dim=8, seq_len=10) == []
+    assert caches.examples("quantized", head_dim=8, seq_len=10) == []
     assert all(64 % ex["group_size"] == 0
-               for ex in QuantizedCache.conformance_examples(head_dim=64, seq_len=10))
+               for ex in caches.examples("quantized", head_dim=64, seq_len=10))
     cache = QuantizedCache(bits=4, group_size=64)
     with pytest.raises(ValueError, match="group_size 64 does not divide the head size 96"):
         cache.update_and_fetch(mx.zeros((1, 1, 2, 96)), mx.zeros((1, 1, 2, 96)))

@@ -135,8 +135,9 @@ def test_sliding_window_cache_broke_causality_when_a_prefill_chunk_was_longer_th
 class SlotOrderRotating(RotatingCache):
     """The nanoGPT forum bug: rotate the buffer but report positions as if in time order."""
 
-    def key_positions(self):
-        return mx.arange(self.size(), dtype=mx.int32) + max(0, self.offset - self.size())
+    def _ring_positions(self, offset):
+        size = min(offset, self.max_size)
+        return mx.arange(size, dtype=mx.int32) + max(0, offset - size)
 
 
 def test_nanogpt_rolled_its_cache_and_lost_time_order(alibi_mqa):
@@ -166,9 +167,9 @@ def test_exact_against_the_true_model_while_the_sequence_fits(family, scheme):
     cache = caches.make("rotating", model, max_size=12, keep=3)
     got = feed(model, cache, tokens, [5, 1, 6])
     assert mx.abs(got - oracle(model, tokens)).max().item() <= TOL
-    assert RotatingCache.exact_for(seq_len=12, max_size=12, keep=3)
-    assert not RotatingCache.exact_for(seq_len=13, max_size=12, keep=3)
-    assert not RotatingCache.exact  # not for every sequence
+    assert caches.exact_for("rotating", seq_len=12, max_size=12, keep=3)
+    assert not caches.exact_for("rotating", seq_len=13, max_size=12, keep=3)
+    assert not caches.exact_for("rotating", max_size=12, keep=3)  # not for every sequence
 
 
 @pytest.mark.parametrize("scheme", ["rope", "alibi"])

@@ -25,8 +25,7 @@ def gpt2_learned(**overrides):
 def cached_vs_uncached(model, chunks, cache_name="preallocated") -> float:
     # the cache's own first option set for this model (defaults may not fit: quantized's
     # group_size 64 needs a head size that is a multiple of 64)
-    examples = caches.get(cache_name).conformance_examples(
-        head_dim=model.config.head_dim, seq_len=len(TOKENS))
+    examples = caches.examples(cache_name, head_dim=model.config.head_dim, seq_len=len(TOKENS))
     if not examples:
         pytest.skip(f"{cache_name} cannot serve a model with head size {model.config.head_dim}")
     cache = caches.make(cache_name, model, **examples[0])

@@ -145,7 +145,7 @@ def approximate_cases():
     seq_len = 5 + NEW_TOKENS  # BOS + "Once upon a time" is 5 tokens
     return [pytest.param(name, options, id=name + "-" + ",".join(f"{k}={v}" for k, v in options.items()))
             for name in approximate_caches()
-            for options in caches.get(name).conformance_examples(head_dim=8, seq_len=seq_len)]
+            for options in caches.examples(name, head_dim=8, seq_len=seq_len)]
 
 
 @pytest.mark.parametrize("cache,options", approximate_cases())

@@ -13,12 +13,12 @@ LOGIT_TOL = 1e-4  # fp32 logits from two implementations of the same weights
 
 def exact_caches() -> list[str]:
     """Registered caches that reproduce the true uncached model."""
-    return [name for name in caches.available() if caches.get(name).exact]
+    return [name for name in caches.available() if caches.exact_for(name)]
 
 
 def approximate_caches() -> list[str]:
     """Registered caches that are exact only against their own reference."""
-    return [name for name in caches.available() if not caches.get(name).exact]
+    return [name for name in caches.available() if not caches.exact_for(name)]
 
 
 def greedy_uncached(model, prompt: list[int], n: int, reference=None) -> tuple[list[int], np.ndarray]:

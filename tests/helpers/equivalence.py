@@ -144,8 +144,7 @@ def scenarios(draw):
     head_dim = draw(st.sampled_from(HEAD_DIMS))
     prompt_len = draw(st.integers(1, MAX_PROMPT))
     decode = draw(st.integers(0, MAX_DECODE))
-    examples = caches.get(cache_name).conformance_examples(
-        head_dim=head_dim, seq_len=prompt_len + decode + 1)
+    examples = caches.examples(cache_name, head_dim=head_dim, seq_len=prompt_len + decode + 1)
     assume(examples)  # the cache cannot serve this head size
     return dict(
         family=family,

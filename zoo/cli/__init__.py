@@ -26,8 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
+        command.add_argument(
+            "--plugin", action="append", default=[], metavar="MODULE_OR_FILE.py",
+            help="import a module or .py file that registers caches, schemes, samplers or "
+                 "families before running (repeatable); installed plugins (entry-point group "
+                 "kvzoo.plugins) load by themselves")
         command.set_defaults(run=module.run)
     return parser
+
+
+def load_plugins(args: argparse.Namespace) -> None:
+    """Installed plugins, then each --plugin, before the command runs."""
+    from kvzoo import plugins
+
+    plugins.load_installed()
+    for spec in getattr(args, "plugin", []):
+        plugins.load(spec)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -37,6 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        load_plugins(args)
         return int(args.run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"kvzoo {args.command}: error: {error}", file=sys.stderr)

@@ -308,16 +308,35 @@ def weight_bytes_per_token(model) -> int:
 # -- one model config -----------------------------------------------------------------------
 
 
-def _counterparts(selected: Optional[list[str]]) -> list[Counterpart]:
-    registered = set(caches.available())
-    table = [c for c in COUNTERPARTS if c.cache in registered]
-    known = [c.cache for c in table] + [NO_CACHE]
+def _selected_caches(selected: Optional[list[str]]) -> list[str]:
+    """Every registered cache (default) or the chosen ones, checked against the registry."""
+    registered = caches.available()
     if selected is None:
-        return table
-    unknown = [name for name in selected if name not in known]
+        return registered
+    unknown = [name for name in selected if name not in registered + [NO_CACHE]]
     if unknown:
-        raise ValueError(f"unknown cache(s) {unknown} for the benchmark; choose from: {', '.join(known)}")
-    return [c for c in table if c.cache in selected]
+        raise ValueError(f"unknown cache(s) {unknown} for the benchmark; choose from: "
+                         f"{', '.join(registered + [NO_CACHE])}")
+    return [name for name in registered if name in selected]
+
+
+def _entries(cfg, settings: "Settings", selected: Optional[list[str]]) -> list[tuple]:
+    """(cache, options, mlx-lm name, mlx-lm cache factory or None, has an mlx-lm side) for every
+    benchmarked cache: its mlx-lm counterpart's options where there is one, else the first option
+    set the cache declares for this model (`caches.examples`), timed on the kvzoo side only."""
+    counterparts = {c.cache: c for c in COUNTERPARTS}
+    out = []
+    for name in _selected_caches(selected):
+        twin = counterparts.get(name)
+        if twin is not None:
+            out.append((name, twin.options(cfg, settings), twin.mlx_lm_name,
+                        lambda twin=twin: twin.mlx_lm(cfg, settings), True))
+            continue
+        options = caches.examples(name, head_dim=cfg.head_dim, seq_len=settings.prompt + settings.decode)
+        out.append((name, options[0] if options else None, "-", None, False))
+    if selected is None or NO_CACHE in selected:
+        out.append((NO_CACHE, {}, "no cache", None, True))
+    return out
 
 
 def _build_models(config: str, settings: Settings):
@@ -347,14 +366,12 @@ def bench_config(config: str, settings: Settings, selected: Optional[list[str]],
     weight_bytes = weight_bytes_per_token(model)
     limit = limit_gbs * 1e9 / weight_bytes
     rows, skipped = [], []
-    entries = [(c.cache, c.options(cfg, settings), c.mlx_lm_name,
-                lambda c=c: c.mlx_lm(cfg, settings)) for c in _counterparts(selected)]
-    if selected is None or NO_CACHE in selected:
-        entries.append((NO_CACHE, {}, "no cache", None))
     usable = []
-    for entry in entries:
+    for entry in _entries(cfg, settings, selected):
         name, options = entry[0], entry[1]
         try:
+            if options is None:
+                raise ValueError(f"{name} declares no option set for head size {cfg.head_dim}")
             kvzoo_side(model, name, options).make_cache()
         except (ValueError, TypeError) as error:  # e.g. a group size that does not fit the heads
             skipped.append({"cache": name, "options": options, "reason": str(error)})
@@ -363,25 +380,26 @@ def bench_config(config: str, settings: Settings, selected: Optional[list[str]],
             continue
         usable.append(entry)
     entries = usable
-    for name, options, lm_name, factory in entries:
+    for name, options, lm_name, factory, has_twin in entries:
         ours, theirs = kvzoo_side(model, name, options), mlx_lm_side(twin, factory)
         label = f"{config} {name}"
+        sides = {"kvzoo": ours, "mlx_lm": theirs} if has_twin else {"kvzoo": ours}
         prefill = alternate(settings.repeats, {
-            "kvzoo": lambda: time_prefill(ours, prompt),
-            "mlx_lm": lambda: time_prefill(theirs, prompt)}, progress, label + " prefill")
+            key: lambda side=side: time_prefill(side, prompt) for key, side in sides.items()},
+            progress, label + " prefill")
         n = settings.none_decode if name == NO_CACHE else settings.decode
         warm = min(n, 8)  # compiles and allocates what decode needs; the long runs are timed
         decode = alternate(settings.repeats, {
-            "kvzoo": lambda: time_decode(ours, prompt, n),
-            "mlx_lm": lambda: time_decode(theirs, prompt, n)}, progress, label + " decode",
-            warmup={"kvzoo": lambda: time_decode(ours, prompt, warm),
-                    "mlx_lm": lambda: time_decode(theirs, prompt, warm)})
+            key: lambda side=side: time_decode(side, prompt, n) for key, side in sides.items()},
+            progress, label + " decode",
+            warmup={key: lambda side=side: time_decode(side, prompt, warm) for key, side in sides.items()})
         rows.append({
             "cache": name, "options": options, "mlx_lm": lm_name,
             "prefill": _rates(prefill, settings.prompt),
             "decode": {**_rates(decode, 1), "tokens": n,
                        "fraction_of_limit": {side: _median([1 / s for s in runs]) / limit
                                              for side, runs in decode.items()}},
+            "nbytes_per_token": _bytes_per_token(model, name, options, prompt),
         })
     sweep = sweep_contexts(model, twin, entries, settings, progress, config)
     return {
@@ -392,11 +410,22 @@ def bench_config(config: str, settings: Settings, selected: Optional[list[str]],
 
 
 def _rates(runs: dict[str, list[float]], tokens: int) -> dict[str, Any]:
-    """Median tokens/s per side and the kvzoo/mlx-lm ratio, from seconds per run."""
+    """Median tokens/s per side and the kvzoo/mlx-lm ratio (None without an mlx-lm side),
+    from seconds per run."""
     rates = {side: [tokens / s for s in seconds] for side, seconds in runs.items()}
     medians = {side: _median(r) for side, r in rates.items()}
-    return {"tokens_per_s": medians, "runs_tokens_per_s": rates,
-            "ratio": medians["kvzoo"] / medians["mlx_lm"]}
+    ratio = medians["kvzoo"] / medians["mlx_lm"] if "mlx_lm" in medians else None
+    return {"tokens_per_s": {"mlx_lm": None, **medians}, "runs_tokens_per_s": rates, "ratio": ratio}
+
+
+def _bytes_per_token(model, name: str, options: dict, prompt: mx.array) -> Optional[float]:
+    """Cache bytes per token held after the prompt went through (None without a cache)."""
+    if name == NO_CACHE:
+        return None
+    cache = caches.make(name, model, **options)
+    model(prompt[None], cache, check_tokens=False)
+    mx.eval([c.state for c in cache])
+    return sum(c.nbytes for c in cache) / max(min(c.size() for c in cache), 1)
 
 
 def _fill(cache: list, keys: mx.array, values: mx.array, chunk: int) -> None:
@@ -413,7 +442,7 @@ def sweep_contexts(model, twin, entries, settings: Settings, progress: Progress,
     dtype = _first_dtype(model)
     out = []
     last = _random_tokens(1, cfg.vocab_size, settings.seed + 2)
-    for name, options, lm_name, factory in entries:
+    for name, options, lm_name, factory, has_twin in entries:
         ours, theirs = kvzoo_side(model, name, options), mlx_lm_side(twin, factory)
         for context in settings.contexts:
             label = f"{config} sweep {name} @{context}"
@@ -441,10 +470,11 @@ def sweep_contexts(model, twin, entries, settings: Settings, progress: Progress,
                     filled[key] = sum(c.nbytes for c in cache)  # bytes at exactly `context`
                     return time_decode(side, last, settings.sweep_decode, cache)
 
+                sides = {"kvzoo": ours, "mlx_lm": theirs} if has_twin else {"kvzoo": ours}
                 runs = alternate(settings.sweep_repeats, {
-                    "kvzoo": lambda: run(ours, "kvzoo"), "mlx_lm": lambda: run(theirs, "mlx_lm")},
+                    key: lambda side=side, key=key: run(side, key) for key, side in sides.items()},
                     progress, label)
-                nbytes = dict(filled)
+                nbytes = {"mlx_lm": None, **filled}
             rates = _rates(runs, 1)
             out.append({"cache": name, "context": context, "tokens_per_s": rates["tokens_per_s"],
                         "ratio": rates["ratio"], "nbytes": nbytes})
@@ -468,8 +498,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", default="gpt2,llama",
                         help=f"comma-separated model configs: {', '.join(CONFIGS)}")
     parser.add_argument("--caches", default=None,
-                        help="comma-separated caches (default: every registered cache with an "
-                             f"mlx-lm counterpart, and {NO_CACHE!r})")
+                        help="comma-separated caches (default: every registered cache, the ones "
+                             f"with an mlx-lm counterpart side by side with it, and {NO_CACHE!r})")
     parser.add_argument("--dtype", default="auto",
                         help="auto (the device default, float32 on CPU), float32, float16, bfloat16")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (median)")
@@ -510,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown config(s) {unknown}; choose from: {', '.join(CONFIGS)}")
     selected = _csv(args.caches)
-    entries = len(_counterparts(selected)) + (1 if selected is None or NO_CACHE in selected else 0)
+    entries = len(_selected_caches(selected)) + (1 if selected is None or NO_CACHE in selected else 0)
     per_config = entries * (2 * settings.repeats + len(settings.contexts) * settings.sweep_repeats)
     progress = Progress(per_config * len(configs), enabled=not args.no_progress)
 
@@ -572,9 +602,11 @@ def format_report(report: dict[str, Any]) -> str:
             frac = d["fraction_of_limit"]
             lines.append(
                 f"{row['cache']:<14}{row['mlx_lm']:<20}"
-                f"{p['tokens_per_s']['kvzoo']:>10.1f} /{p['tokens_per_s']['mlx_lm']:>9.1f}{p['ratio']:>7.2f}"
-                f"{d['tokens_per_s']['kvzoo']:>10.2f} /{d['tokens_per_s']['mlx_lm']:>9.2f}{d['ratio']:>7.2f}"
-                f"{frac['kvzoo']:>7.0%} /{frac['mlx_lm']:>5.0%}")
+                f"{p['tokens_per_s']['kvzoo']:>10.1f} /{_num(p['tokens_per_s']['mlx_lm'], '9.1f')}"
+                f"{_num(p['ratio'], '7.2f')}"
+                f"{d['tokens_per_s']['kvzoo']:>10.2f} /{_num(d['tokens_per_s']['mlx_lm'], '9.2f')}"
+                f"{_num(d['ratio'], '7.2f')}"
+                f"{frac['kvzoo']:>7.0%} /{_num(frac.get('mlx_lm'), '5.0%')}")
         for row in result.get("skipped", []):
             lines.append(f"{row['cache']:<14}skipped: {row['reason']}")
         if not result["sweep"]:
@@ -592,12 +624,20 @@ def format_report(report: dict[str, Any]) -> str:
                     size += f"{'':>26}"
                     continue
                 t = p["tokens_per_s"]
-                speed += f"{t['kvzoo']:>9.1f} /{t['mlx_lm']:>7.1f} ({p['ratio']:.2f})"
+                ratio = "    -" if p["ratio"] is None else f"{p['ratio']:.2f}"
+                speed += f"{t['kvzoo']:>9.1f} /{_num(t['mlx_lm'], '7.1f')} ({ratio})"
                 mb = p["nbytes"]
-                size += f"{mb['kvzoo'] / 1e6:>14.1f} /{mb['mlx_lm'] / 1e6:>7.1f} MB  "
+                theirs = None if mb["mlx_lm"] is None else mb["mlx_lm"] / 1e6
+                size += f"{mb['kvzoo'] / 1e6:>14.1f} /{_num(theirs, '7.1f')} MB  "
             lines += [speed, size]
     lines.append(f"\n{report['seconds']:.0f}s; load average {report['loadavg_end'][0]:.2f} at the end")
     return "\n".join(lines)
+
+
+def _num(value: Optional[float], spec: str) -> str:
+    """`value` formatted to `spec`, or a right-aligned "-" of the same width when missing."""
+    width = int(spec.split(".")[0] or 0)
+    return f"{'-':>{width}}" if value is None else format(value, ">" + spec)
 
 
 def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
@@ -620,13 +660,16 @@ def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
             color = f"C{index}"
             speed.plot(x, [p["tokens_per_s"]["kvzoo"] for p in points], "-o", color=color,
                        label=f"{name} kvzoo")
-            speed.plot(x, [p["tokens_per_s"]["mlx_lm"] for p in points], "--x", color=color,
-                       label=f"{name} mlx-lm")
+            twin = all(p["tokens_per_s"]["mlx_lm"] is not None for p in points)
+            if twin:
+                speed.plot(x, [p["tokens_per_s"]["mlx_lm"] for p in points], "--x", color=color,
+                           label=f"{name} mlx-lm")
             if name != NO_CACHE:
                 size.plot(x, [p["nbytes"]["kvzoo"] / 1e6 for p in points], "-o", color=color,
                           label=f"{name} kvzoo")
-                size.plot(x, [p["nbytes"]["mlx_lm"] / 1e6 for p in points], "--x", color=color,
-                          label=f"{name} mlx-lm")
+                if twin:
+                    size.plot(x, [p["nbytes"]["mlx_lm"] / 1e6 for p in points], "--x", color=color,
+                              label=f"{name} mlx-lm")
         for ax in (speed, size):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context (tokens)")

@@ -68,13 +68,12 @@ def check_pairings(
                 rng = random.Random(f"{seed}-{family}-{scheme}-{layout}")
                 prompt = [rng.randrange(model.config.vocab_size) for _ in range(PROMPT_LEN)]
                 for name in cache_names:
-                    cls = caches.get(name)
-                    for options in cls.conformance_examples(head_dim=model.config.head_dim,
-                                                            seq_len=seq_len):
+                    for options in caches.examples(name, head_dim=model.config.head_dim,
+                                                   seq_len=seq_len):
                         report = conformance.check(
                             model, lambda: caches.make(name, model, **options), prompt,
                             chunks=CHUNKS, decode=DECODE)
-                        exact = _exact_here(cls, options, seq_len)
+                        exact = caches.exact_for(name, seq_len=seq_len, **options)
                         rows.append(Row(family, scheme, layout, name, dict(options), exact, report))
                         if progress:
                             progress(rows[-1])
@@ -112,15 +111,14 @@ def check_checkpoint(
     chunks = uneven_chunks(len(tokens))
     rows, skipped = [], []
     for name in cache_names:
-        cls = caches.get(name)
-        examples = cls.conformance_examples(head_dim=cfg.head_dim, seq_len=seq_len)
+        examples = caches.examples(name, head_dim=cfg.head_dim, seq_len=seq_len)
         if not examples:
             skipped.append(f"{name}: no option set fits this model (head_dim {cfg.head_dim})")
         for options in examples:
             report = conformance.check(model, lambda: caches.make(name, model, **options), tokens,
                                        chunks=chunks, decode=decode)
             rows.append(Row(cfg.family, cfg.positional, cfg.layout, name, dict(options),
-                            _exact_here(cls, options, seq_len), report))
+                            caches.exact_for(name, seq_len=seq_len, **options), report))
             if progress:
                 progress(rows[-1])
     return rows, skipped
@@ -135,14 +133,6 @@ def uneven_chunks(n: int) -> list[int]:
         left -= chunks[-1]
         i += 1
     return chunks
-
-
-def _exact_here(cls, options: dict, seq_len: int) -> bool:
-    """Whether the cache promises the true uncached outputs for a sequence of seq_len."""
-    exact_for = getattr(cls, "exact_for", None)
-    if exact_for is not None:
-        return bool(exact_for(seq_len=seq_len, **options))
-    return bool(cls.exact)
 
 
 def _choose(requested, registered: list[str], what: str) -> list[str]:
