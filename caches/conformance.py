@@ -7,7 +7,9 @@ The model is anything callable as `model(tokens, cache)` and `model(tokens, refe
 (every kvzoo model, duck-typed so this package never imports `zoo`). The kit feeds the prompt
 through the cache in the given chunks, decodes greedily one token at a time, then runs the
 uncached forward over the whole sequence under the cache's `Reference` and compares the logits
-at every position and the greedy choice at every decode step.
+at every position and the greedy choice at every decode step. It also drives one layer's cache
+directly (`check_storage`): the keys it returns must be the ones written at the positions it
+reports, and trimmed tokens must be gone, so a cache cannot pass by luck of the model's weights.
 
 A reference that rounds (quantized) is discontinuous, so float noise between the chunked and
 the uncached forward (a BLAS sums in a different order for a different number of rows) can
@@ -48,6 +50,8 @@ class Report:
     stored_max_abs_diff: Optional[float] = None  # max |cached - that forward|
     rounding_flips: int = 0  # stored values one step off, each on a rounding boundary
     problem: Optional[str] = None  # why the stored values are not the reference's rounding
+    # What `check_storage` found: the cache returning other keys than it says it returns.
+    storage: list[str] = field(default_factory=list)
 
     @property
     def exact_diff(self) -> float:
@@ -61,7 +65,7 @@ class Report:
     def ok(self) -> bool:
         """Exact against the reference: logits within tolerance, greedy equal up to ties."""
         greedy_ok = self.greedy_agree + self.ties == self.greedy_steps
-        return self.exact_diff <= self.tolerance and greedy_ok
+        return self.exact_diff <= self.tolerance and greedy_ok and not self.storage
 
 
 def check(
@@ -113,6 +117,9 @@ def check(
             top2 = mx.sort(row)[-2:]
             ties += int((top2[1] - top2[0]).item() <= tolerance)
     held = max(min(c.size() for c in cache), 1)
+    config = getattr(model, "config", None)
+    storage = [] if config is None else check_storage(
+        lambda: make_cache()[0], head_dim=config.head_dim, n_kv_heads=config.n_kv_heads)
     return Report(
         max_abs_diff=max_abs_diff,
         greedy_steps=decode,
@@ -126,6 +133,7 @@ def check(
         stored_max_abs_diff=stored_diff,
         rounding_flips=flips,
         problem=problem,
+        storage=storage,
     )
 
 
@@ -139,3 +147,88 @@ def _against_stored(model, cache, sequence, cached) -> tuple[Optional[float], in
     logits = model(sequence, reference=oracle)[0]
     flips, problem = oracle.flips()
     return mx.abs(cached - logits).max().item(), flips, problem, logits
+
+
+# -- what a cache returns, checked against what it says --------------------------------------
+
+
+def check_storage(
+    make_cache: Callable[[], Any],
+    *,
+    chunks: Sequence[int] = (5, 1, 1, 7, 1, 3, 1, 1),
+    trims: Optional[dict[int, int]] = None,
+    head_dim: int = 16,
+    n_kv_heads: int = 2,
+    seed: int = 0,
+) -> list[str]:
+    """Drive one layer's cache directly with random keys and values (distinct at every position)
+    and check, after every update, that what it returns is what it says it returns: the keys and
+    values attention reads are the ones written at the positions the cache reports (under its
+    reference's `transform_kv`), those positions are distinct and already written, `size()`
+    counts what it stores, and after `trim` the trimmed tokens are gone (rewriting those
+    positions returns the new keys, never the old ones).
+
+    `make_cache()` returns a Cache (or a list; the first is used); `trims` maps an update index
+    to a number of tokens to trim after it (default: one trim of 2 in the middle, where the
+    cache allows it). Returns the problems found ([] when the cache tells the truth).
+    """
+    cache = make_cache()
+    if isinstance(cache, (list, tuple)):
+        cache = cache[0]
+    trims = {len(chunks) // 2: 2} if trims is None else dict(trims)
+    key = mx.random.key(seed)
+    truth_k: list[mx.array] = []  # [1, H, 1, D] per position: what was written there last
+    truth_v: list[mx.array] = []
+    problems: list[str] = []
+    for step, length in enumerate(chunks):
+        key, k1, k2 = mx.random.split(key, 3)
+        keys = mx.random.normal((1, n_kv_heads, length, head_dim), key=k1)
+        values = mx.random.normal((1, n_kv_heads, length, head_dim), key=k2)
+        fetched_k, fetched_v = cache.update_and_fetch(keys, values)
+        truth_k += [keys[:, :, i : i + 1] for i in range(length)]
+        truth_v += [values[:, :, i : i + 1] for i in range(length)]
+        where = f"update {step} ({length} tokens, offset {cache.offset})"
+        if cache.offset != len(truth_k):
+            problems.append(f"{where}: offset is {cache.offset}, {len(truth_k)} tokens were written")
+            break
+        problems += _compare_fetch(cache, fetched_k, fetched_v, truth_k, truth_v, where)
+        stored = [int(p) for p in cache.key_positions().reshape(-1).tolist()]
+        if len(set(stored)) != len(stored) or any(not 0 <= p < cache.offset for p in stored):
+            problems.append(f"{where}: key_positions() {stored} are not distinct positions below the offset")
+        if cache.size() != len(stored):
+            problems.append(f"{where}: size() is {cache.size()} but key_positions() lists {len(stored)}")
+        n = trims.get(step, 0)
+        if n and cache.is_trimmable():
+            removed = cache.trim(n)
+            del truth_k[len(truth_k) - removed:], truth_v[len(truth_v) - removed:]
+            if cache.offset != len(truth_k):
+                problems.append(f"{where}: trim({n}) left offset {cache.offset}, expected {len(truth_k)}")
+                break
+        if problems:
+            break
+    return problems
+
+
+def _compare_fetch(cache, fetched_k, fetched_v, truth_k, truth_v, where: str) -> list[str]:
+    positions = [int(p) for p in cache.fetched_positions().reshape(-1).tolist()]
+    if len(set(positions)) != len(positions) or any(not 0 <= p < len(truth_k) for p in positions):
+        return [f"{where}: the fetched key positions {positions} are not distinct written positions"]
+    reference = cache.reference
+    if isinstance(fetched_k, mx.array):
+        got = (fetched_k, fetched_v)
+    else:  # stored in another form (quantized): check what it reports it stored, in order
+        got = cache.stored_kv()
+        if got is None or got[0].shape[2] != len(truth_k):
+            return []
+        positions = list(range(len(truth_k)))
+    if got[0].shape[2] != len(positions):
+        return [f"{where}: returned {got[0].shape[2]} keys but reports {len(positions)} positions"]
+    written = (mx.concatenate([truth_k[p] for p in positions], axis=2),
+               mx.concatenate([truth_v[p] for p in positions], axis=2))
+    want = reference.transform_kv(*written)
+    if all(mx.array_equal(a.astype(mx.float32), b.astype(mx.float32)).item() for a, b in zip(got, want)):
+        return []
+    if reference.rounds and reference.rounding_flips(written, got)[1] is None:
+        return []
+    return [f"{where}: the keys/values returned are not the ones written at the positions it reports "
+            f"({positions[:8]}{'...' if len(positions) > 8 else ''})"]
