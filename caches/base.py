@@ -211,6 +211,17 @@ class Cache:
         """True when `trim` can remove tokens right now."""
         return self._trim_refusal() is None
 
+    def trim_horizon(self) -> Optional[int]:
+        """The largest offset up to which `trim` stays possible (None: at any offset). What
+        speculative decoding checks before it starts. A strategy whose trimming depends on its
+        state (`_trim_refusal`) overrides this; by default such a cache promises nothing beyond
+        its present offset."""
+        if type(self)._trim is Cache._trim:
+            return 0
+        if type(self)._trim_refusal is Cache._trim_refusal:
+            return None
+        return self.offset if self.is_trimmable() else 0
+
     def trim(self, n: int) -> int:
         """Remove the last `n` tokens (at most `offset`); returns how many were removed.
 

@@ -237,5 +237,8 @@ class RotatingCache(Cache):
                     f"{self.max_size} slots, so the tokens before the window are gone")
         return None
 
+    def trim_horizon(self) -> Optional[int]:
+        return self.max_size if not self.wrapped else 0
+
     def _trim(self, n):
         pass  # before the wrap, slots past the new offset are simply overwritten later

@@ -25,6 +25,9 @@ def greedy_sample(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
+greedy_sample.greedy = True  # deterministic: what speculative decoding verifies by argmax
+
+
 def check_seed(seed: Any) -> Optional[int]:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
@@ -63,14 +66,20 @@ def make_sampler(
     if temp == 0:
         return greedy_sample
     draw = categorical(temp, seed)
-    if not filters:
-        return draw
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def filtered(logprobs: mx.array) -> mx.array:
         for keep in filters:
             logprobs = keep(logprobs)
-        return draw(logprobs)
+        return logprobs
 
+    def sample(logprobs: mx.array) -> mx.array:
+        return draw(filtered(logprobs))
+
+    def distribution(logprobs: mx.array) -> mx.array:
+        """The probabilities [B, V] this sampler draws from: the filters, then the temperature."""
+        return mx.softmax(filtered(logprobs) / temp, axis=-1, precise=True)
+
+    sample.distribution, sample.seed = distribution, seed  # for speculative sampling
     return sample
 
 

@@ -65,6 +65,11 @@ def generate_step(
     max_tokens: int = 256,
     prefill_step: int = 512,
     vocab_size: Optional[int] = None,
+    draft: Optional[CausalLM] = None,
+    draft_cache: CacheSpec = None,
+    prompt_lookup: Optional[int] = None,
+    num_draft: int = 4,
+    speculative_stats: Any = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs [V]) for each generated token.
 
@@ -75,6 +80,11 @@ def generate_step(
     prefill_step: prompt tokens per forward during prefill.
     vocab_size: the tokenizer's vocabulary, if the embedding is padded past it; padding rows
     are never sampled.
+    draft / prompt_lookup: speculative decoding (zoo/speculative.py) with a smaller draft model
+    sharing the tokenizer (its cache: `draft_cache`, preallocated by default) or with n-gram
+    prompt lookup of size `prompt_lookup`; up to `num_draft` tokens per round. Greedy output is
+    identical to plain greedy decoding; sampled output has the same distribution.
+    `speculative_stats` (a zoo.speculative.SpeculativeStats) collects acceptance counts.
     """
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
@@ -91,6 +101,15 @@ def generate_step(
     if vocab_size is not None and vocab_size < model_vocab:
         padding = mx.where(mx.arange(model_vocab) < vocab_size, 0.0, -float("inf"))
     history = prompt
+    if draft is not None or prompt_lookup is not None:
+        from .speculative import speculative_step
+
+        yield from speculative_step(
+            model, prompt, layer_caches, draft=draft, draft_cache=draft_cache,
+            prompt_lookup=prompt_lookup, num_draft=num_draft, sampler=sampler,
+            logits_processors=processors, max_tokens=max_tokens, prefill_step=prefill_step,
+            padding=padding, vocab=vocab_size or model_vocab, stats=speculative_stats)
+        return
 
     def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history

@@ -103,6 +103,7 @@ def stream_generate(
     stop: Union[str, Sequence[str], None] = None,
     prefill_step: int = 512,
     add_bos: Optional[bool] = None,
+    **speculation: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate a reply to `prompt`, yielding a `GenerationResponse` per token.
 
@@ -112,8 +113,12 @@ def stream_generate(
     cache: a registry name (with `cache_options`) or a list of caches. stop: strings that end
     generation; neither a stop string nor text that may still become one is ever yielded.
     Generation also stops at the tokenizer's EOS tokens and after `max_tokens` tokens.
-    Options are checked here, before anything runs.
+    Speculative decoding: `draft=MODEL` or `prompt_lookup=N`, with `num_draft`, `draft_cache`
+    and `speculative_stats` (see zoo.generate_step). Options are checked here, before anything runs.
     """
+    allowed = {"draft", "draft_cache", "prompt_lookup", "num_draft", "speculative_stats"}
+    if set(speculation) - allowed:
+        raise TypeError(f"stream_generate got unknown option(s) {sorted(set(speculation) - allowed)}")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
     if not isinstance(prefill_step, int) or isinstance(prefill_step, bool) or prefill_step < 1:
@@ -138,7 +143,7 @@ def stream_generate(
     continuation = any(tokenizer.token_bytes(int(t)) for t in prompt_ids if 0 <= int(t) < tokenizer.vocab_size)
     steps = generate_step(model, prompt_tokens, cache=layer_caches, sampler=sampler,
                           logits_processors=processors, max_tokens=max_tokens,
-                          prefill_step=prefill_step, vocab_size=vocab_size)
+                          prefill_step=prefill_step, vocab_size=vocab_size, **speculation)
     return _responses(steps, tokenizer, stops, max_tokens, len(prompt_ids), continuation)
 
 

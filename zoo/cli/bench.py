@@ -506,6 +506,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default=None, help="comma-separated sweep contexts")
     parser.add_argument("--no-sweep", action="store_true", help="skip the context sweep")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--speculative", metavar="MODEL_PATH", default=None,
+                        help="instead: speculative decoding (prompt lookup, and --draft) against plain "
+                             "decoding on this checkpoint, on text that repeats its prompt and text that does not")
+    parser.add_argument("--draft", metavar="MODEL_PATH", default=None,
+                        help="with --speculative: a smaller draft model sharing the tokenizer")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: seconds
 
 
@@ -519,6 +524,10 @@ def _csv(text: Optional[str]) -> Optional[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.draft and not args.speculative:
+        raise ValueError("--draft needs --speculative MODEL_PATH (the model it drafts for)")
+    if args.speculative:
+        return _run_speculative(args)
     settings = Settings.for_mode(args.quick, getattr(args, "smoke", False))
     settings.dtype = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[
         parse_dtype(args.dtype)]
@@ -573,6 +582,38 @@ def run(args: argparse.Namespace) -> int:
             f" and {written}" if written else " (no sweep, no plot)" if not has_sweep
             else " (no plot: pip install 'kvzoo[bench]' for matplotlib)"))
     return 0
+
+
+def _run_speculative(args: argparse.Namespace) -> int:
+    from . import bench_speculative
+    from .info import collect
+
+    if args.out is not None:
+        _check_writable(args.out)
+    progress = Progress(2 * (2 if args.draft else 1) * (2 if args.quick or args.smoke else 5),
+                        enabled=not args.no_progress)
+    try:
+        section = bench_speculative.run(args.speculative, args.draft, quick=args.quick or args.smoke,
+                                        progress=progress.step)
+    finally:
+        progress.close()
+    print(bench_speculative.format_rows(section["rows"]))
+    if args.out is not None:
+        report = {"machine": collect(measure=False), "speculative": section}
+        (args.out / "bench_speculative.json").write_text(json.dumps(report, indent=2, default=str))
+        print(f"\nwrote {args.out / 'bench_speculative.json'}")
+    return 0
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail now, not after the benchmark, if `folder` cannot hold the report."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".kvzoo-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {folder} is not a writable folder: {error}") from None
 
 
 # -- output ---------------------------------------------------------------------------------

@@ -73,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(float32 on CPU, float16 on GPU; docs/performance.md), stored = as in the "
                              "checkpoint (default auto)")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
+    speculative = parser.add_mutually_exclusive_group()
+    speculative.add_argument("--draft", metavar="MODEL_PATH", default=None,
+                             help="speculative decoding with this smaller model (same tokenizer) drafting")
+    speculative.add_argument("--prompt-lookup", metavar="N", type=int, default=None,
+                             help="speculative decoding drafting by matching the last N tokens in the "
+                                  "prompt and the text so far")
+    parser.add_argument("--num-draft", type=int, default=4,
+                        help="with --draft/--prompt-lookup: most tokens drafted per round (default 4)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +100,17 @@ def run(args: argparse.Namespace) -> int:
     from zoo.runtime.device import parse_dtype
 
     dtype = None if args.dtype == "stored" else parse_dtype(args.dtype)
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise ValueError(f"--prompt-lookup must be >= 1 (the n-gram size to match), got {args.prompt_lookup}")
+    if args.num_draft < 1:
+        raise ValueError(f"--num-draft must be >= 1, got {args.num_draft}")
     model, tokenizer = loading.load(args.model, dtype=dtype)
+    draft = loading.load_model(args.draft, dtype=dtype) if args.draft else None
+    from zoo.speculative import SpeculativeStats
+
+    stats = SpeculativeStats()
+    speculation = {} if draft is None and args.prompt_lookup is None else dict(
+        draft=draft, prompt_lookup=args.prompt_lookup, num_draft=args.num_draft, speculative_stats=stats)
     responses = zoo.stream_generate(
         model,
         tokenizer,
@@ -110,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         stop=args.stop or None,
         prefill_step=args.prefill_step,
         add_bos=False if args.no_bos else None,
+        **speculation,
     )
     last = None
     for last in responses:
@@ -124,5 +143,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec",
           file=sys.stderr)
     print(f"Peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
+    if speculation:
+        print(f"Speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
+              f"({100 * stats.acceptance_rate:.0f}%), {stats.rounds} model forwards for "
+              f"{stats.emitted} tokens", file=sys.stderr)
     print(f"Finish: {last.finish_reason}", file=sys.stderr)
     return 0
