@@ -29,7 +29,7 @@ SHAPE = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_positions=
 CASES = {
     "gpt2": ("gpt2", dict(d_ff=128)),
     "llama-gqa": ("llama", dict(n_kv_heads=2, d_ff=48, tie_embeddings=False)),
-    "llama-mqa-tied-bias-scaled": ("llama", dict(n_kv_heads=1, d_ff=48, head_dim=16, attention_bias=True,
+    "llama-mqa-tied-bias-scaled": ("llama", dict(n_kv_heads=1, d_ff=48, head_dim=16, qkv_bias=True, out_bias=True,
                                                  mlp_bias=True, rope_base=5000.0, rope_scale=0.5)),
     "llama-traditional-rope": ("llama", dict(n_kv_heads=2, d_ff=48, rope_traditional=True)),
     "llama-llama3-rope": ("llama", dict(n_kv_heads=2, d_ff=48, head_dim=16, rope_scaling=dict(
