@@ -44,6 +44,38 @@ def check_head_dim(head_dim: int, group_size: int) -> None:
         )
 
 
+def affine_grid(x: mx.array, bits: int, group_size: int, *,
+                other_side: bool = False) -> tuple[mx.array, mx.array]:
+    """(x [..., D] rounded on mx.quantize's affine grid, or with `other_side` on the grid it
+    would pick had its zero-point rounding gone the other way; whether each value's group sat
+    on that rounding boundary).
+
+    mx.quantize makes zero a level of each group: with edge = the min or max of the group
+    (whichever is larger in magnitude) and s = (max - min) / (2^bits - 1), it rounds
+    q0 = edge / s and uses scale = edge / q0, bias = edge. When edge / s is a half-integer,
+    float noise picks q0, and the whole group's grid moves (found by the property test on a
+    group with edge / s = -130.5000). With other_side=False this is mx.quantize followed by
+    mx.dequantize, value for value (tests/test_quantized.py).
+    """
+    g = x.astype(mx.float32).reshape(*x.shape[:-1], -1, group_size)  # [..., G, group_size]
+    n_levels = 2**bits - 1
+    low, high = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+    scale = mx.maximum((high - low) / n_levels, 1e-7)
+    side = mx.abs(low) > mx.abs(high)
+    scale = mx.where(side, scale, -scale)
+    edge = mx.where(side, low, high)
+    ratio = edge / scale
+    q0 = mx.round(ratio)
+    if other_side:
+        q0 = mx.where(ratio - mx.floor(ratio) < 0.5, q0 + 1, q0 - 1)  # the other neighbour of ratio
+    on_boundary = mx.abs(ratio - mx.floor(ratio) - 0.5) <= 0.01
+    scale = mx.where(q0 != 0, edge / mx.where(q0 != 0, q0, 1), scale)
+    bias = mx.where(q0 == 0, 0, edge)
+    levels = mx.clip(mx.round((g - bias) / scale), 0, n_levels)
+    other = (levels * scale + bias).reshape(x.shape)
+    return other, mx.broadcast_to(on_boundary, g.shape).reshape(x.shape)
+
+
 def round_trip(x: mx.array, bits: int, group_size: int) -> mx.array:
     """x [..., D] quantized and dequantized per group of its last axis: what the cache stores."""
     packed = mx.quantize(x, group_size=group_size, bits=bits)
@@ -67,6 +99,13 @@ class QuantizedReference(Reference):
         """One quantization step per value: the scale of its group."""
         return (quantization_step(keys, self.key_bits, self.group_size),
                 quantization_step(values, self.value_bits, self.group_size))
+
+    def rounding_alternatives(self, keys, values):
+        """A group whose zero-point rounding sat on its boundary may hold the other grid's
+        rounding (see affine_grid): that grid, where it applies."""
+        k_other, k_applies = affine_grid(keys, self.key_bits, self.group_size, other_side=True)
+        v_other, v_applies = affine_grid(values, self.value_bits, self.group_size, other_side=True)
+        return [((k_other, v_other), (k_applies, v_applies))]
 
     def __repr__(self) -> str:
         return (f"QuantizedReference(key_bits={self.key_bits}, value_bits={self.value_bits}, "

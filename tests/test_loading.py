@@ -54,7 +54,7 @@ def write_folder(folder, config: dict, weights: dict) -> None:
     ("gpt2", {}),
     ("gpt2", {"tie_embeddings": False}),
     ("llama", {}),
-    ("llama", {"tie_embeddings": True, "attention_bias": True, "mlp_bias": True, "n_kv_heads": 1}),
+    ("llama", {"tie_embeddings": True, "qkv_bias": True, "out_bias": True, "mlp_bias": True, "n_kv_heads": 1}),
     ("llama", {"rope_base": 5000.0, "rope_scale": 0.5, "head_dim": 16}),
     ("llama", {"head_dim": 16, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                 "original_max_position_embeddings": 32}}),
@@ -177,7 +177,7 @@ def test_weights_from_another_config_are_refused_before_anything_changes(saved):
         zoo.load_model(folder)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "mistral", None])
+@pytest.mark.parametrize("model_type", ["bert", "phi3", None])
 def test_unsupported_model_type(saved, model_type):
     folder, config, weights = saved("llama")
     config["model_type"] = model_type
@@ -186,7 +186,7 @@ def test_unsupported_model_type(saved, model_type):
     write_folder(folder, config, weights)
     with pytest.raises(ValueError, match="model_type") as error:
         zoo.load_model(folder)
-    assert "gpt2, llama" in str(error.value)
+    assert "gpt2, llama, mistral, qwen2" in str(error.value)
 
 
 @pytest.mark.parametrize("family,field", [("gpt2", "n_embd"), ("gpt2", "n_layer"), ("llama", "hidden_size"),
@@ -206,8 +206,8 @@ def test_missing_config_field_is_named(saved, family, field):
      "'dynamic' is not supported .*default, linear, llama3"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "rope_scaling": None}, "'yarn' is not supported"),
     ("llama", {"rope_scaling": {"type": "linear"}, "rope_parameters": None}, "positive 'factor'"),
-    ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ("gpt2", {"activation_function": "relu"}, "activation_function 'relu'"),
+    ("llama", {"hidden_act": "quick_gelu"}, "hidden_act 'quick_gelu'"),
+    ("gpt2", {"activation_function": "tanh"}, "activation_function 'tanh'"),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ("llama", {"quantization_config": {"bits": 4}}, "quantized"),
     ("llama", {"num_key_value_heads": 3}, "multiple of n_kv_heads"),
@@ -263,7 +263,7 @@ def test_bad_paths_and_folders(tmp_path):
     ("gpt2", {"positional": "rope"}, "learned positions only"),
     ("gpt2", {"n_kv_heads": 2}, "grouped-query"),
     ("gpt2", {"head_dim": 16}, "head_dim \\* n_heads == d_model"),
-    ("gpt2", {"attention_bias": False}, "biases"),
+    ("gpt2", {"qkv_bias": False}, "biases"),
 ])
 def test_save_refuses_models_hf_cannot_express(tmp_path, family, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -19,6 +19,7 @@ from helpers.checkpoint_oracles import (LOGIT_TOL, assert_greedy_agrees, exact_c
 from helpers.assets import require_module
 
 import zoo
+from mlx.utils import tree_flatten, tree_unflatten
 
 VOCAB = 96
 BATCH = mx.array(np.random.RandomState(2).randint(0, VOCAB, (3, 20)))
@@ -29,8 +30,11 @@ SHAPE = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_positions=
 CASES = {
     "gpt2": ("gpt2", dict(d_ff=128)),
     "llama-gqa": ("llama", dict(n_kv_heads=2, d_ff=48, tie_embeddings=False)),
-    "llama-mqa-tied-bias-scaled": ("llama", dict(n_kv_heads=1, d_ff=48, head_dim=16, attention_bias=True,
+    "llama-mqa-tied-bias-scaled": ("llama", dict(n_kv_heads=1, d_ff=48, head_dim=16, qkv_bias=True, out_bias=True,
                                                  mlp_bias=True, rope_base=5000.0, rope_scale=0.5)),
+    # Qwen2: q/k/v biases only (mlx-lm's qwen2 model), tied as Qwen2.5-0.5B.
+    "qwen2": ("llama", dict(n_kv_heads=2, d_ff=48, qkv_bias=True, out_bias=False, tie_embeddings=True,
+                            rope_base=1e6)),
     "llama-traditional-rope": ("llama", dict(n_kv_heads=2, d_ff=48, rope_traditional=True)),
     "llama-llama3-rope": ("llama", dict(n_kv_heads=2, d_ff=48, head_dim=16, rope_scaling=dict(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))),
@@ -61,6 +65,11 @@ def saved(tmp_path_factory):
         if case not in made:
             family, overrides = CASES[case]
             model = zoo.build(family, seed=len(made), **{**SHAPE, **overrides})
+            # Biases start at zero; draw them, so a bias in the wrong place shows.
+            rng = np.random.RandomState(len(made))
+            model.update(tree_unflatten([(n, mx.array(0.1 * rng.randn(*v.shape).astype(np.float32)))
+                                         for n, v in tree_flatten(model.parameters()) if n.endswith(".bias")
+                                         and "norm" not in n and ".ln_" not in n]))
             folder = tmp_path_factory.mktemp(case)
             zoo.save(model, folder)
             made[case] = (model, folder)

@@ -8,6 +8,8 @@ that logits spread over several units, so a wrong layout or pairing cannot hide 
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -22,9 +24,15 @@ BATCH = np.random.RandomState(1).randint(0, VOCAB, (3, 20))
 PROMPT = [5, 17, 42, 3, 88, 61, 9, 30]
 NEW_TOKENS = 24
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+# case -> (HF model_type, config fields): small versions of real checkpoints' configs.
 CASES = {
     "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "gpt2-untied": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=False)),
+    # nanoGPT / minGPT-style checkpoints: exact-erf GELU; and a ReLU GPT-2.
+    "gpt2-exact-gelu": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, activation_function="gelu")),
+    "gpt2-relu": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, activation_function="relu")),
     "llama-gqa": ("llama", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)),
     "llama-mqa-tied-bias-scaled": ("llama", dict(
@@ -35,9 +43,38 @@ CASES = {
     # fall in all three bands (kept, interpolated, divided by the factor).
     "llama-llama3-rope": ("llama", dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rope_scaling=LLAMA3_ROPE)),
+    # Llama 2 (7B: MHA, untied, theta 1e4, eps 1e-5); TinyLlama (GQA 32/4, untied, Llama 2 rope);
+    # SmolLM (135M: 9 heads / 3 kv heads, tied); Llama 3 (theta 5e5, GQA); Llama 3.2 (1B: tied,
+    # head_dim 64 set explicitly, llama3 rope factor 32).
+    "llama2": ("llama", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0,
+                             max_position_embeddings=128)),
+    "tinyllama": ("llama", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+                                num_key_value_heads=1, rms_norm_eps=1e-5, max_position_embeddings=128)),
+    "smollm": ("llama", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                             num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0,
+                             max_position_embeddings=128)),
+    "llama3": ("llama", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=128)),
+    "llama3.2": ("llama", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rope_theta=500000.0,
+                               rope_scaling={**LLAMA3_ROPE, "factor": 32.0}, max_position_embeddings=128)),
+    # Qwen2.5 (0.5B: q/k/v biases, tied, theta 1e6, sliding window configured but unused) and an
+    # untied Qwen2; Mistral v0.1 (a sliding window, short here so the 32 tokens cross it) and
+    # v0.3 / Nemo style (no window, head_dim set apart from hidden_size / heads).
+    "qwen2.5": ("qwen2", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
+                              use_sliding_window=False, sliding_window=32, max_window_layers=2,
+                              max_position_embeddings=128)),
+    "qwen2-untied": ("qwen2", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=128)),
+    "mistral-window": ("mistral", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                       max_position_embeddings=128)),
+    "mistral-v0.3": ("mistral", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=None,
+                                     rope_theta=1000000.0, max_position_embeddings=128)),
 }
 
 
@@ -45,11 +82,9 @@ def hf_model(case: str):
     """A transformers model of `case` with random weights of unit-scale logits."""
     torch = require_module("torch")
     transformers = require_module("transformers")
-    family, fields = CASES[case]
-    if family == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, **fields))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, **fields))
+    model_type, fields = CASES[case]
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, **fields)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(sorted(CASES).index(case))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -61,7 +96,7 @@ def hf_model(case: str):
             else:
                 p.copy_(0.3 * noise)
     tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    assert tied == fields.get("tie_word_embeddings", family == "gpt2")
+    assert tied == fields.get("tie_word_embeddings", model_type == "gpt2")
     return model.eval()
 
 
@@ -125,8 +160,10 @@ def test_zoo_save_is_read_by_transformers(checkpoints, case, tmp_path):
     transformers = require_module("transformers")
     hf, folder = checkpoints(case)
     zoo.save(zoo.load_model(folder), tmp_path / "saved")
-    cls = transformers.GPT2LMHeadModel if case.startswith("gpt2") else transformers.LlamaForCausalLM
-    reread = cls.from_pretrained(tmp_path / "saved").eval()
+    # A Mistral without a window is a Llama: saved as one (transformers computes the same).
+    saved_as = "llama" if case == "mistral-v0.3" else CASES[case][0]
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == saved_as
+    reread = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     np.testing.assert_allclose(hf_logits(reread, BATCH), hf_logits(hf, BATCH), atol=LOGIT_TOL, rtol=0)
 
 
@@ -137,8 +174,7 @@ def test_zoo_models_saved_for_transformers(tmp_path):
         model = zoo.build(family, vocab_size=VOCAB, d_model=24, n_layers=3, n_heads=6, max_positions=64,
                           init_std=0.3, **overrides)
         zoo.save(model, tmp_path / family)
-        cls = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
-        reread = cls.from_pretrained(tmp_path / family).eval()
+        reread = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / family).eval()
         expected = hf_logits(reread, BATCH)
         assert spread(expected) > 1.0
         np.testing.assert_allclose(np.array(model(mx.array(BATCH))), expected, atol=LOGIT_TOL, rtol=0)
@@ -154,3 +190,35 @@ def test_gguf_converted_from_a_transformers_llama(checkpoints, tmp_path):
     ours = zoo.load_model(tmp_path / "m.gguf")
     assert ours.config.rope_traditional
     np.testing.assert_allclose(np.array(ours(mx.array(BATCH))), hf_logits(hf, BATCH), atol=LOGIT_TOL, rtol=0)
+
+
+def test_mistral_window_is_read_and_matters(checkpoints):
+    """The window is part of the model: kvzoo's config carries it, and without it the logits
+    past the window differ (so the parity above is not the window-free model's)."""
+    hf, folder = checkpoints("mistral-window")
+    model = zoo.load_model(folder)
+    assert model.config.sliding_window == 6
+    unwindowed = zoo.from_config(model.config.replace(sliding_window=None))
+    unwindowed.update(model.parameters())
+    expected = hf_logits(hf, BATCH)
+    assert np.abs(np.array(unwindowed(mx.array(BATCH)))[:, 6:] - expected[:, 6:]).max() > 1e-2
+
+
+@pytest.mark.parametrize("case", ["mistral-window"])
+def test_greedy_tokens_match_transformers_with_the_default_rotating_cache(checkpoints, case):
+    hf, folder = checkpoints(case)
+    model = zoo.load_model(folder)
+    expected_tokens, expected_logits = hf_greedy(hf, PROMPT, NEW_TOKENS)
+    tokens, logprobs = greedy_cached(model, PROMPT, NEW_TOKENS, None, prefill_step=5)
+    assert_greedy_agrees(tokens, expected_tokens, expected_logits)
+    np.testing.assert_allclose(logprobs, log_softmax(expected_logits), atol=LOGIT_TOL, rtol=0)
+
+
+def test_qwen2_with_a_window_on_some_layers_is_refused_by_name(checkpoints, tmp_path):
+    _, folder = checkpoints("qwen2.5")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=4, max_window_layers=1, layer_types=None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="sliding window on some layers only"):
+        zoo.load_model(tmp_path)

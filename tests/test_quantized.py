@@ -9,7 +9,7 @@ import pytest
 import caches
 import zoo
 from caches import conformance
-from caches.quantized import QuantizedCache, QuantizedReference, round_trip
+from caches.quantized import QuantizedCache, QuantizedReference, affine_grid, round_trip
 from helpers.equivalence import reference_gap
 
 TOL = 1e-4
@@ -86,6 +86,48 @@ def test_rounding_flips_accepts_only_one_step_on_a_boundary():
     assert flips == 0 and "other than a one-step flip" in problem
     flips, problem = reference.rounding_flips((x, values), (moved((i + 1) % 32, 1), values))
     assert flips == 0 and "other than a one-step flip" in problem
+
+
+def zero_point_boundary_group() -> tuple[mx.array, mx.array]:
+    """Two copies of a group whose edge / scale sits on the half-integer -130.5 at 8 bits, a
+    few ulps apart, so mx.quantize rounds their zero point to different levels (the group the
+    property test found, from a Llama with exact GELU)."""
+    import numpy as np
+
+    g = np.random.RandomState(0).uniform(-0.98, 0.94, 32).astype(np.float32)
+    g[0], g[1] = -0.9865141, 0.94115686
+    nudged = g.copy()
+    nudged[0] += 5e-7
+    return mx.array(g)[None], mx.array(nudged)[None]
+
+
+def test_a_group_on_its_zero_point_boundary_may_hold_the_other_grid():
+    a, b = zero_point_boundary_group()
+    qa, qb = round_trip(a, 8, 32), round_trip(b, 8, 32)
+    assert mx.abs(qa - qb).max().item() > 1e-3  # noise of 5e-7 moved the whole grid
+    other, on_boundary = affine_grid(a, 8, 32, other_side=True)
+    assert on_boundary.all().item()
+    assert mx.abs(other - qb).max().item() <= 2e-6  # the other grid is mx.quantize's for b
+    reference = QuantizedReference(8, 32)
+    zeros = mx.zeros_like(a)
+    assert reference.rounding_flips((a, zeros), (qb, zeros))[1] is None
+    # A group far from its zero-point boundary gets no such pass.
+    far = a * 1.003
+    flips, problem = reference.rounding_flips((far, zeros), (round_trip(far * 1.01, 8, 32), zeros))
+    assert problem is not None
+
+
+def test_the_grid_formula_is_mx_quantize_itself():
+    import numpy as np
+
+    rng = np.random.RandomState(1)
+    for bits in (2, 3, 4, 8):
+        x = mx.array((rng.randn(16, 64) * rng.uniform(0.1, 3)).astype(np.float32))
+        grid, on_boundary = affine_grid(x, bits, 32)
+        assert mx.array_equal(grid, round_trip(x, bits, 32)).item()
+        assert not on_boundary.all().item()
+        other, _ = affine_grid(x, bits, 32, other_side=True)
+        assert mx.abs(other - grid).max().item() > 0
 
 
 class MislabelledQuantizedCache(QuantizedCache):

@@ -9,6 +9,12 @@ import positional
 from positional.rope import llama3_scaling
 
 
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")  # gelu: exact (erf); gelu_tanh: GPT-2's
+BLOCK_FLAGS = ("gated_mlp", "qkv_bias", "out_bias", "mlp_bias")
+BLOCK_CHOICES = ("norm", "activation") + BLOCK_FLAGS  # None in a config: the family's choice
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and options of a decoder-only transformer.
@@ -18,6 +24,14 @@ class ModelConfig:
     `rope_scale` multiplies positions (linear scaling: 1 / factor). `rope_scaling` is Llama 3's
     per-frequency scaling: {factor, low_freq_factor, high_freq_factor,
     original_max_position_embeddings} (positional.rope.llama3_scaling), or None.
+
+    The block's parts (None: the family's own choice, filled in when the model is built):
+    `norm` ("layernorm", "rmsnorm"); `activation` of the MLP ("gelu" exact erf, "gelu_tanh",
+    "relu", "silu"); `gated_mlp` (act(gate(x)) * up(x), SwiGLU with silu, instead of
+    act(up(x))); biases on the q/k/v projections (`qkv_bias`), the attention output
+    projection (`out_bias`), the MLP (`mlp_bias`) and the LM head (`head_bias`).
+    `sliding_window`: each query sees only the last `sliding_window` positions (itself
+    included), as in Mistral; None for full causal attention.
     """
 
     family: str
@@ -36,8 +50,14 @@ class ModelConfig:
     rope_scaling: Optional[dict[str, Any]] = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    attention_bias: bool = False
-    mlp_bias: bool = False
+    norm: Optional[str] = None
+    activation: Optional[str] = None
+    gated_mlp: Optional[bool] = None
+    qkv_bias: Optional[bool] = None
+    out_bias: Optional[bool] = None
+    mlp_bias: Optional[bool] = None
+    head_bias: bool = False
+    sliding_window: Optional[int] = None
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -75,6 +95,16 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", llama3_scaling(self.rope_scaling))
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("norm_eps and init_std must be positive")
+        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name in BLOCK_FLAGS + ("tie_embeddings", "head_bias"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if self.sliding_window is not None:
+            positive_int("sliding_window")
 
     @property
     def n_rep(self) -> int:
@@ -87,6 +117,11 @@ class ModelConfig:
         if self.n_kv_heads == self.n_heads:
             return "MHA"
         return "MQA" if self.n_kv_heads == 1 else "GQA"
+
+    @property
+    def block_resolved(self) -> bool:
+        """True once every block choice (norm, activation, MLP gating, biases) is set."""
+        return all(getattr(self, name) is not None for name in BLOCK_CHOICES)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

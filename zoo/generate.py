@@ -21,10 +21,22 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N]
 CacheSpec = Union[str, Sequence[Cache], None]
 
 
+def default_cache(model: CausalLM) -> tuple[str, dict]:
+    """The cache a model gets when none is named: "preallocated", or for a model with its own
+    sliding window a rotating cache of exactly that window and no sinks, which is exact
+    against the true model at every length and holds no more than the window."""
+    window = model.config.sliding_window
+    if window is not None:
+        return "rotating", dict(max_size=window, keep=0)
+    return "preallocated", {}
+
+
 def make_cache(model: CausalLM, cache: CacheSpec = None, cache_options: Optional[dict] = None) -> list[Cache]:
-    """Resolve a cache spec: a registry name (with options), a prebuilt list, or None (default)."""
+    """Resolve a cache spec: a registry name (with options), a prebuilt list, or None (the
+    model's default_cache; `cache_options` then override its options)."""
     if cache is None:
-        cache = "preallocated"
+        cache, defaults = default_cache(model)
+        cache_options = {**defaults, **(cache_options or {})}
     if isinstance(cache, str):
         return caches.make(cache, model, **(cache_options or {}))
     if cache_options:
@@ -73,7 +85,7 @@ def generate_step(
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs [V]) for each generated token.
 
-    cache: a registry name ("preallocated" by default, options in `cache_options`) or a list
+    cache: a registry name (default: `default_cache(model)`, options in `cache_options`) or a list
     of caches, one per layer; a list that already holds tokens continues from its offset.
     sampler: log-probabilities [1, V] -> token [1]; greedy by default.
     logits_processors: f(tokens so far, logits [1, V]) -> logits, applied in order.

@@ -7,12 +7,15 @@ in a family touches positions, masks or caches directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 
 from caches import Cache, Reference, scaled_dot_product_attention
 from positional import Positional
+
+# The cache API's bias hook: (q_positions, k_positions) -> additive bias or None.
+Bias = Callable[[mx.array, mx.array], Optional[mx.array]]
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class Context:
     positions: mx.array  # [L] absolute positions of the input tokens
     positional: Positional
     reference: Reference  # what the uncached path must do (ignored when a cache is given)
+    window: Optional[int] = None  # the model's sliding window (ModelConfig.sliding_window)
 
 
 def attend(
@@ -35,6 +39,8 @@ def attend(
     """Attention output [B, Hq, L, D] for queries [B, Hq, L, D], keys/values [B, Hkv, L, D]."""
     queries, keys = ctx.positional.rotate(queries, keys, ctx.positions)
     bias = ctx.positional.bias if ctx.positional.uses_bias else None
+    if ctx.window is not None:
+        bias = window_bias(ctx.window, bias)
     if cache is not None:
         return cache.attend(
             queries, keys, values, scale=scale, q_positions=ctx.positions, bias=bias
@@ -50,6 +56,27 @@ def attend(
         reference=ctx.reference,
         bias=bias,
     )
+
+
+def window_bias(window: int, inner: Optional[Bias] = None) -> Bias:
+    """An additive bias that hides keys at or before q_pos - window (-inf there, 0 elsewhere),
+    plus `inner` (a positional bias such as ALiBi) where that has one.
+
+    A model's own sliding window, applied through the cache API's `bias` hook, from absolute
+    positions: identical in the cached and the uncached forward, so every cache stays exact
+    against its own reference on a windowed model, and a rotating cache of `window` slots
+    with no sinks is exact against the true model at every length.
+    """
+
+    def bias(q_positions: mx.array, k_positions: mx.array) -> mx.array:
+        q, k = q_positions[..., :, None], k_positions[..., None, :]
+        hidden = mx.where(k > q - window, 0.0, -float("inf"))  # [Lq, Lk] or [B, Lq, Lk]
+        if hidden.ndim == 3:
+            hidden = hidden[:, None]  # [B, 1, Lq, Lk]: one window for every head
+        extra = inner(q_positions, k_positions) if inner is not None else None
+        return hidden if extra is None else hidden + extra
+
+    return bias
 
 
 def split_heads(x: mx.array, n_heads: int) -> mx.array:

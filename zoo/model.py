@@ -70,7 +70,7 @@ class CausalLM(nn.Module):
         if check_tokens:
             check_token_range(tokens, self.config.vocab_size)
         positions = mx.arange(offset, offset + length, dtype=mx.int32)  # the only arange of positions
-        ctx = Context(positions, self.positional, reference or EXACT)
+        ctx = Context(positions, self.positional, reference or EXACT, window=self.config.sliding_window)
         return self.forward(tokens, ctx, cache or [None] * len(self.layers))
 
     def forward(self, tokens: mx.array, ctx: Context, cache: Sequence[Optional[Cache]]) -> mx.array:

@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from kvzoo.registry import Registry
 
-from .config import ModelConfig, field_names
+from .config import BLOCK_CHOICES, ModelConfig, field_names
 from .init import init_weights
 
 FAMILIES: Registry[type] = Registry("model family", plural="families")
@@ -67,6 +67,18 @@ def make_config(family: str, *, preset: Optional[str] = None, **overrides: Any) 
         raise TypeError(f"unknown config field(s) {unknown}; fields: {field_names()}")
     values = {**entry["defaults"], **entry["presets"].get(preset, {}), **overrides}
     return ModelConfig(family=family, **values)
+
+
+def complete_config(config: ModelConfig) -> ModelConfig:
+    """`config` with the block choices it leaves to the family (None: norm, activation, MLP
+    gating, biases) taken from the family's registered defaults. Families call it first."""
+    defaults = _family(config.family)["defaults"]
+    missing = {name: defaults.get(name) for name in BLOCK_CHOICES if getattr(config, name) is None}
+    unset = sorted(name for name, value in missing.items() if value is None)
+    if unset:
+        raise ValueError(f"family {config.family!r} registers no default for {unset}; "
+                         f"set them in the config or in register_family(defaults=...)")
+    return config.replace(**missing) if missing else config
 
 
 def from_config(config: ModelConfig) -> Any:

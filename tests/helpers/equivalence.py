@@ -28,6 +28,7 @@ import caches
 import positional
 import zoo
 from caches.reference import StoredReference
+from zoo.config import ACTIVATIONS, NORMS
 
 TOLERANCE = 1e-4  # fp32 logits
 
@@ -135,6 +136,22 @@ def chunkings(draw, length: int) -> list[int]:
 
 
 @st.composite
+def blocks(draw) -> dict:
+    """The block's parts (None: the family's own) and the model's sliding window: hybrids such
+    as GPT-2 with RMSNorm and a SwiGLU MLP, or a Llama with LayerNorm and exact GELU."""
+    return dict(
+        norm=draw(st.sampled_from([None, *NORMS])),
+        activation=draw(st.sampled_from([None, *ACTIVATIONS])),
+        gated_mlp=draw(st.sampled_from([None, False, True])),
+        qkv_bias=draw(st.sampled_from([None, False, True])),
+        out_bias=draw(st.sampled_from([None, False, True])),
+        mlp_bias=draw(st.sampled_from([None, False, True])),
+        head_bias=draw(st.booleans()),
+        sliding_window=draw(st.sampled_from([None, None, 1, 3, 7])),
+    )
+
+
+@st.composite
 def scenarios(draw):
     family = draw(st.sampled_from(zoo.available()))
     scheme = draw(st.sampled_from(positional.available()))
@@ -152,7 +169,8 @@ def scenarios(draw):
                     n_layers=draw(st.integers(1, 3)), d_model=draw(st.sampled_from([16, 32, 48])),
                     vocab_size=draw(st.integers(8, 80)), d_ff=48, max_positions=64, init_std=0.1,
                     tie_embeddings=draw(st.booleans()),
-                    rope_scaling=draw(st.sampled_from([None, LLAMA3_ROPE])) if scheme == "rope" else None),
+                    rope_scaling=draw(st.sampled_from([None, LLAMA3_ROPE])) if scheme == "rope" else None,
+                    **draw(blocks())),
         cache=cache_name,
         options=draw(st.sampled_from(examples)),
         prompt_len=prompt_len,

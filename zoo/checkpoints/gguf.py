@@ -282,7 +282,11 @@ def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> 
         rope_scale=rope_scale,
         norm_eps=float(_value(metadata, p + "attention.layer_norm_rms_epsilon", required=True)),
         tie_embeddings=tied,
-        attention_bias="blk.0.attn_q.bias" in weights,
+        norm="rmsnorm",
+        activation="silu",
+        gated_mlp=True,
+        qkv_bias="blk.0.attn_q.bias" in weights,
+        out_bias="blk.0.attn_output.bias" in weights,
         mlp_bias="blk.0.ffn_up.bias" in weights,
     )
 

@@ -63,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help="stop before this text (repeat for several)")
-    parser.add_argument("--cache", default="preallocated",
-                        help=f"KV cache: {', '.join(caches.available())} (default preallocated)")
+    parser.add_argument("--cache", default=None,
+                        help=f"KV cache: {', '.join(caches.available())} (default: preallocated, or for a "
+                             f"model with a sliding window a rotating cache of that window)")
     parser.add_argument("--cache-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="cache option, e.g. --cache-opt step=128 (repeatable)")
     parser.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per forward (default 512)")
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     cache_options = parse_cache_options(args.cache_opt)
     # Check the options before the (possibly slow) load; stream_generate checks them all again.
-    unknown = sorted(set(cache_options) - set(caches.options_of(args.cache)))
+    unknown = sorted(set(cache_options) - set(caches.options_of(args.cache))) if args.cache else []
     if unknown:
         raise ValueError(f"cache {args.cache!r} has no option(s) {unknown}; it accepts: "
                          f"{', '.join(caches.options_of(args.cache)) or 'none'}")
