@@ -232,7 +232,8 @@ def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     text = require_asset(TEXT)
     status = main(["study", "--model", str(require_asset("stories260K/stories260K.gguf")),
-                   "--text", str(text), "--caches", "concat,rotating:max_size=16:keep=0/4,quantized:bits=4",
+                   "--text", str(text), "--caches",
+                   "concat,rotating:max_size=16:keep=0/4,quantized:bits=4,preallocated:capacity=90",
                    "--out", str(out), "--quick", "--max-tokens", "160", "--contexts", "32,96",
                    "--needle-contexts", "192", "--needle-depths", "0,1"])
     return status, out, text
@@ -253,7 +254,13 @@ def test_the_command_writes_study_json_with_the_documented_fields(cli_run):
         assert key in model
     assert model["tokens"] == 160 and model["baseline"]["cache"] == "preallocated"
     runs = {r["cache"]: r for r in model["runs"]}
-    assert set(runs) == {"concat", "rotating:max_size=16:keep=0", "rotating:max_size=16:keep=4"}
+    assert set(runs) == {"concat", "rotating:max_size=16:keep=0", "rotating:max_size=16:keep=4",
+                         "preallocated:capacity=90"}
+    # a cache that fills up mid-text stops there, its error and the tokens before it kept
+    full = runs.pop("preallocated:capacity=90")
+    assert full["conformance"]["ok"] and "is full" in full["quality"]["error"]
+    assert full["quality"]["scored_tokens"] == 64 and full["quality"]["kl_max"] < 1e-6  # chunk 64
+    assert "is full" in full["cost"]["error"]
     for run in runs.values():
         assert run["conformance"]["ok"]
         for key in ("kl_mean", "kl_p99", "top1_agreement", "ppl", "ppl_base", "delta_ppl", "ppl_ratio"):

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_table(result))
     failed = [f"{m['path']} {r['cache']}" for m in result["models"] for r in m["runs"]
-              if not r.get("conformance", {}).get("ok", True)]
+              if r.get("conformance", {}).get("ok") is False]
     for line in failed:
         print(f"conformance FAILED: {line} does not match its declared reference on this model")
     print(f"\nwrote {args.out}/study.json ({result['seconds']:.0f} s)")

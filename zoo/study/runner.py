@@ -179,6 +179,15 @@ def _conformance(model: Any, spec: CacheSpec, tokens: list[int], seq_len: int) -
     }
 
 
+def _guarded(stage: Any) -> dict[str, Any]:
+    """A stage's result, or {"error": why} when the cache refused the work (a full fixed buffer,
+    a chunk it cannot take): one cache's limit never stops the study."""
+    try:
+        return stage()
+    except (ValueError, TypeError, NotImplementedError) as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def _uneven(n: int) -> list[int]:
     sizes, left, i = [], n, 0
     for size in iter(lambda: (5, 1, 11, 7)[i % 4], None):
@@ -225,7 +234,7 @@ def study_model(path: str, content: str, specs: list[CacheSpec], settings: Setti
     bar.add(n * (1 + len(live)) + (needle_units + cost_units) * (1 + len(live)) + check_units * len(live))
 
     for job in live:
-        job.result["conformance"] = _conformance(model, job.spec, conf_tokens, n)
+        job.result["conformance"] = _guarded(lambda: _conformance(model, job.spec, conf_tokens, n))
         bar.step(check_units, f"{Path(path).name} check {job.label}")
 
     # quality, in lockstep with the baseline
@@ -259,7 +268,7 @@ def study_model(path: str, content: str, specs: list[CacheSpec], settings: Setti
             bar.step(needle_units * len(live))
         for job in live:
             if needle["able"]:
-                job.result["needle"] = grid(job.spec)
+                job.result["needle"] = _guarded(lambda: grid(job.spec))
 
     # cost
     cost: dict[str, Any] = {}
@@ -271,7 +280,7 @@ def study_model(path: str, content: str, specs: list[CacheSpec], settings: Setti
 
         cost = sweep(base)
         for job in live:
-            job.result["cost"] = sweep(job.spec)
+            job.result["cost"] = _guarded(lambda: sweep(job.spec))
 
     return {
         "path": str(path),
@@ -337,7 +346,7 @@ def format_table(result: dict[str, Any]) -> str:
         for r in m["runs"]:
             q = r.get("quality", {})
             ok = r.get("conformance", {}).get("ok")
-            rows.append([name, r["cache"], "ok" if ok else "FAIL",
+            rows.append([name, r["cache"], {True: "ok", False: "FAIL"}.get(ok, "n/a"),
                          _f(q.get("ppl"), ".3f"), _f(q.get("delta_ppl"), "+.3f"), _f(q.get("kl_mean"), ".4f"),
                          _f(q.get("kl_p99"), ".4f"), _f(q.get("top1_agreement"), ".1%"),
                          *_cost_cells(r.get("cost")), _needle_cell(r.get("needle"))])
@@ -349,6 +358,11 @@ def format_table(result: dict[str, Any]) -> str:
               for s in m["skipped"]]
     notes += [f"{Path(m['path']).name}: needle: {m['needle']['reason']}" for m in result["models"]
               if m["needle"].get("reason")]
+    notes += [f"{Path(m['path']).name}: {r['cache']}: {stage} stopped: {r[stage]['error']}"
+              for m in result["models"] for r in m["runs"] for stage in ("conformance", "needle", "cost")
+              if isinstance(r.get(stage), dict) and r[stage].get("error")]
+    notes += [f"{Path(m['path']).name}: {r['cache']}: perplexity {r['quality']['error']}"
+              for m in result["models"] for r in m["runs"] if (r.get("quality") or {}).get("error")]
     return "\n".join(line.rstrip() for line in lines + notes)
 
 
