@@ -29,6 +29,7 @@ from .checkpoints import load, load_model, save  # noqa: E402
 from .generate import generate_step  # noqa: E402
 from .stream import GenerationResponse, generate, stream_generate  # noqa: E402  zoo.generate: the function
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf  # noqa: E402
+from . import study  # noqa: E402  zoo.study(...) runs a study; zoo.study.spec, .runner, ... are its parts
 
 __all__ = [
     "CausalLM",
@@ -47,6 +48,7 @@ __all__ = [
     "register_family",
     "save",
     "stream_generate",
+    "study",
     "tokenizer_from_gguf",
     "Tokenizer",
 ]
