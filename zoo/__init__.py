@@ -29,6 +29,7 @@ from .checkpoints import load, load_model, save  # noqa: E402
 from .generate import generate_step  # noqa: E402
 from .stream import GenerationResponse, generate, stream_generate  # noqa: E402  zoo.generate: the function
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf  # noqa: E402
+from .training import train  # noqa: E402
 
 __all__ = [
     "CausalLM",
@@ -49,4 +50,5 @@ __all__ = [
     "stream_generate",
     "tokenizer_from_gguf",
     "Tokenizer",
+    "train",
 ]
