@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--eval-batches", type=int, default=d.eval_batches)
     a("--val-fraction", type=float, default=d.val_fraction, help="held-out tail of the text (0: none)")
     a("--seed", type=int, default=d.seed)
+    a("--max-minutes", type=float, default=None, help="stop after this many minutes (the cosine then follows time)")
     a("--resume", action="store_true", help="continue the run saved in --out")
     a("--no-progress", action="store_true", help="no progress bar")
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     names = ("tokenizer", "family", "positional", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff",
              "block_size", "activation", "dropout", "pad_vocab", "init_std", "batch_size", "steps", "lr",
              "min_lr", "warmup", "beta1", "beta2", "weight_decay", "grad_accum", "grad_clip",
-             "eval_interval", "eval_batches", "val_fraction", "seed")
+             "eval_interval", "eval_batches", "val_fraction", "seed", "max_minutes")
     settings = {n: getattr(args, n) for n in names}
     settings.update(tie_embeddings=not args.untied, progress=not args.no_progress)
     if args.resume:  # only what was given explicitly overrides the saved run

@@ -72,6 +72,7 @@ class TrainSettings:
     eval_batches: int = 8
     val_fraction: float = 0.1
     seed: int = 0
+    max_minutes: Optional[float] = None  # stop after this long; the cosine then runs on time
     progress: bool = True
 
     def check(self) -> None:
@@ -186,8 +187,13 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
     tokens_per_step = s.batch_size * s.block_size * s.grad_accum
     bar = _progress(s, start)
     loss_value, timed_tokens, timed_seconds = float("nan"), 0, 0.0
+    began = time.perf_counter()
+    limit = s.max_minutes * 60 if s.max_minutes else None
     for i in range(start, s.steps):
-        optimizer.learning_rate = learning_rate(i, lr=s.lr, warmup=s.warmup, total=s.steps, min_lr=min_lr)
+        # With a time limit the schedule follows whichever runs out first, steps or time.
+        at = i if limit is None else max(i, int(s.steps * (time.perf_counter() - began) / limit))
+        optimizer.learning_rate = learning_rate(min(at, s.steps - 1), lr=s.lr, warmup=s.warmup,
+                                                total=s.steps, min_lr=min_lr)
         batches = [random_windows(token_data.train, s.batch_size, s.block_size, s.seed, i * s.grad_accum + j)
                    for j in range(s.grad_accum)]
         tic = time.perf_counter()
@@ -202,18 +208,24 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
             bar.update(1)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the loss became {loss_value} at step {i + 1}; lower --lr or clip gradients")
-        if (i + 1) % s.eval_interval == 0 or i + 1 == s.steps or i == 0:
+        out_of_time = limit is not None and time.perf_counter() - began >= limit
+        if (i + 1) % s.eval_interval == 0 or i + 1 == s.steps or i == 0 or out_of_time:
             val = evaluate(model, token_data.val, s) if len(token_data.val) else None
             history.append(dict(step=i + 1, train_loss=loss_value, val_loss=val,
-                                lr=float(optimizer.learning_rate.item()), tokens_per_second=speed))
+                                lr=float(optimizer.learning_rate.item()), tokens_per_second=speed,
+                                seconds=round(time.perf_counter() - began, 1)))
             _print(f"step {i + 1}: train loss {loss_value:.4f}"
                    + (f" val loss {val:.4f}" if val is not None else "") + f" tok/s {speed:,.0f}", bar)
+        if out_of_time:
+            _print(f"time limit of {s.max_minutes} min reached at step {i + 1} of {s.steps}", bar)
+            break
     if bar is not None:
         bar.close()
     model.eval()
     val_loss = history[-1]["val_loss"] if history else None
     speed = timed_tokens / timed_seconds if timed_seconds else 0.0
-    _save(model, tokenizer, optimizer, s, config, min(s.steps, max(start, s.steps)), history)
+    reached = history[-1]["step"] if history else start
+    _save(model, tokenizer, optimizer, s, config, reached, history)
     if val_loss is not None:
         print(f"val loss {val_loss:.4f}")
     print(f"final loss {loss_value:.4f}")
@@ -232,7 +244,8 @@ def _save(model, tokenizer, optimizer, s: TrainSettings, config: ModelConfig, st
     checkpoint.save_optimizer(optimizer, folder)
     settings = {k: v for k, v in asdict(s).items() if k not in ("data", "out")}
     checkpoint.save_state(folder, dict(step=step, settings=settings, model_config=config.to_dict(),
-                                       history=history, n_params=model.n_params))
+                                       history=history, n_params=model.n_params,
+                                       train_seconds=history[-1].get("seconds") if history else None))
 
 
 def _progress(s: TrainSettings, start: int):
