@@ -30,6 +30,7 @@ from .generate import generate_step  # noqa: E402
 from .stream import GenerationResponse, generate, stream_generate  # noqa: E402  zoo.generate: the function
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf  # noqa: E402
 from . import study  # noqa: E402  zoo.study(...) runs a study; zoo.study.spec, .runner, ... are its parts
+from .training import train  # noqa: E402
 
 __all__ = [
     "CausalLM",
@@ -51,4 +52,5 @@ __all__ = [
     "study",
     "tokenizer_from_gguf",
     "Tokenizer",
+    "train",
 ]

@@ -14,6 +14,7 @@ COMMANDS = {
     "info": "zoo.cli.info",
     "bench": "zoo.cli.bench",
     "study": "zoo.cli.study",
+    "train": "zoo.cli.train",
 }
 
 

@@ -14,19 +14,24 @@ from pathlib import Path
 from .base import StreamingDetokenizer, Tokenizer
 from .bpe import BPETokenizer, load_bpe, read_json
 from .gguf import GGUFTokenizer, tokenizer_from_gguf
+from .simple import ByteTokenizer, CharTokenizer, load_simple, save_simple
 from .spm import SentencePieceTokenizer, load_sentencepiece
 
 __all__ = [
     "BPETokenizer",
+    "ByteTokenizer",
+    "CharTokenizer",
     "GGUFTokenizer",
     "SentencePieceTokenizer",
     "StreamingDetokenizer",
     "Tokenizer",
     "load_tokenizer",
     "tokenizer_from_gguf",
+    "load_simple",
+    "save_simple",
 ]
 
-LOOKED_FOR = ("tokenizer.model (SentencePiece), vocab.json + merges.txt or tokenizer.json (byte-level "
+LOOKED_FOR = ("kvzoo_tokenizer.json (character or byte level), tokenizer.model (SentencePiece), vocab.json + merges.txt or tokenizer.json (byte-level "
               "BPE), or a *.tiktoken file")
 
 
@@ -35,13 +40,16 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 
     tokenizer.model -> SentencePiece; vocab.json + merges.txt, else tokenizer.json (byte-level
     BPE: GPT-2, Llama 3, Qwen2 style) -> byte-level BPE; *.tiktoken -> byte-level BPE from
-    tiktoken ranks. Special tokens and BOS/EOS come from
+    tiktoken ranks; kvzoo_tokenizer.json -> the character or byte tokenizer `kvzoo train`
+    built. Special tokens and BOS/EOS come from
     tokenizer_config.json / special_tokens_map.json; extra EOS ids from generation_config.json
     or config.json (`eos_token_id`).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+    if (folder / "kvzoo_tokenizer.json").exists():
+        return load_simple(folder)
     config = read_json(folder / "tokenizer_config.json")
     extra_eos = _eos_ids(folder)
     if (folder / "tokenizer.model").exists():
