@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": "zoo.cli.generate",
     "info": "zoo.cli.info",
     "bench": "zoo.cli.bench",
+    "convert": "zoo.cli.convert",
 }
 
 
