@@ -18,26 +18,28 @@ CORPUS = [
 ] * 4
 
 
-def byte_level_tokenizer(vocab_size: int = 320):
+def byte_level_tokenizer(vocab_size: int = 320, special_tokens: tuple[str, ...] = ("<|endoftext|>",)):
     """A GPT-2-style byte-level BPE trained on CORPUS (tokenizers' own trainer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
 
-def save_tokenizer(folder: Path, vocab_size: int = 320) -> Any:
+def save_tokenizer(folder: Path, vocab_size: int = 320, special_tokens: tuple[str, ...] = ("<|endoftext|>",),
+                   **init: Any) -> Any:
     """Write a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json) into `folder`
-    with transformers' PreTrainedTokenizerFast; returns that transformers tokenizer."""
+    with transformers' PreTrainedTokenizerFast; returns that transformers tokenizer.
+    `init`: PreTrainedTokenizerFast arguments (bos_token, eos_token, chat_template, ...)."""
     from transformers import PreTrainedTokenizerFast
 
-    fast = PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(vocab_size),
-                                   eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    init = {"eos_token": special_tokens[0], "bos_token": special_tokens[0], **init}
+    fast = PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(vocab_size, special_tokens), **init)
     fast.save_pretrained(str(folder))
     return fast
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import StreamingDetokenizer, Tokenizer
+from .chat import apply_chat_template, read_chat_template, special_token_strings
 from .bpe import BPETokenizer, load_bpe, read_json
 from .gguf import GGUFTokenizer, tokenizer_from_gguf
 from .spm import SentencePieceTokenizer, load_sentencepiece
@@ -21,6 +22,7 @@ __all__ = [
     "GGUFTokenizer",
     "SentencePieceTokenizer",
     "StreamingDetokenizer",
+    "apply_chat_template",
     "Tokenizer",
     "load_tokenizer",
     "tokenizer_from_gguf",
@@ -43,6 +45,13 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
     config = read_json(folder / "tokenizer_config.json")
+    tokenizer = _load_tokenizer(folder, config)
+    tokenizer.chat_template = read_chat_template(folder, config)
+    tokenizer.chat_special_tokens = special_token_strings(config, read_json(folder / "special_tokens_map.json"))
+    return tokenizer
+
+
+def _load_tokenizer(folder: Path, config: dict) -> Tokenizer:
     extra_eos = _eos_ids(folder)
     if (folder / "tokenizer.model").exists():
         add_bos = config.get("add_bos_token")
