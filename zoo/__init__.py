@@ -28,7 +28,7 @@ from . import families  # noqa: E402,F401  (register the built-in families)
 from .checkpoints import load, load_model, save  # noqa: E402
 from .generate import generate_step  # noqa: E402
 from .stream import GenerationResponse, generate, stream_generate  # noqa: E402  zoo.generate: the function
-from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf  # noqa: E402
+from .tokenizers import Tokenizer, apply_chat_template, load_tokenizer, tokenizer_from_gguf  # noqa: E402
 from . import study  # noqa: E402  zoo.study(...) runs a study; zoo.study.spec, .runner, ... are its parts
 from .training import train  # noqa: E402
 
@@ -36,6 +36,7 @@ __all__ = [
     "CausalLM",
     "GenerationResponse",
     "ModelConfig",
+    "apply_chat_template",
     "available",
     "build",
     "from_config",

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from ..model import CausalLM
 from ..registry import from_config
-from . import gguf, hf
+from . import gguf, hf, quantized
 from .layout import assign_weights, file_weights_of
 
 PathLike = Union[str, Path]
@@ -49,23 +49,24 @@ def save(model: CausalLM, path: PathLike) -> Path:
     """Write `model` as an HF-style folder: config.json + model.safetensors with HF's names
     and layouts. `zoo.load_model` and transformers' `from_pretrained` both read it.
 
+    A quantized model (MLX's QuantizedLinear layers: loaded from an mlx-lm folder, or
+    `zoo.checkpoints.quantized.quantize`d) is written as mlx-lm writes one: config.json with
+    `quantization`, mlx-lm's tensor names; zoo.load and mlx_lm.load read it, transformers cannot.
+
     Raises ValueError if HF transformers has no model equal to this one (e.g. ALiBi, or GQA
     in GPT-2), or if the folder already holds other weight files. Returns the folder.
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"save needs a zoo model (CausalLM), got {type(model).__name__}")
     config = hf.hf_config(model.config)
-    weights = file_weights_of(model, hf.layout(model.config))
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} exists and is not a folder; save writes a folder")
-    if folder.is_dir():
-        stale = sorted(p.name for p in folder.glob("*.safetensors*") if p.name != WEIGHTS)
-        if stale:
-            raise ValueError(
-                f"{folder} already holds other weight files {stale}; loading would mix them "
-                f"with the saved model. Save into an empty folder"
-            )
+    _check_target(folder)
+    if quantized.is_quantized(model):
+        if model.config.rope_traditional:
+            config["rope_traditional"] = True  # packed rows cannot be permuted to HF's RoPE pairing
+        config["torch_dtype"] = _float_dtype(model)
+        return quantized.save_quantized(model, folder, type(model).mlx_layout(model.config), config)
+    weights = file_weights_of(model, hf.layout(model.config))
     dtypes = {str(a.dtype).removeprefix("mlx.core.") for a in weights.values()}
     config["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,28 @@ def save(model: CausalLM, path: PathLike) -> Path:
 
 
 # -- implementation ------------------------------------------------------------------------
+
+
+def _check_target(folder: Path) -> None:
+    """ValueError if `folder` is a file or already holds other weight files."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder; save writes a folder")
+    if folder.is_dir():
+        stale = sorted(p.name for p in folder.glob("*.safetensors*") if p.name != WEIGHTS)
+        if stale:
+            raise ValueError(
+                f"{folder} already holds other weight files {stale}; loading would mix them "
+                f"with the saved model. Save into an empty folder"
+            )
+
+
+def _float_dtype(model: CausalLM) -> str:
+    """The dtype of the model's floating-point parameters (float32 when they differ)."""
+    from mlx.utils import tree_flatten
+
+    dtypes = {str(a.dtype).removeprefix("mlx.core.") for _, a in tree_flatten(model.parameters())
+              if mx.issubdtype(a.dtype, mx.floating)}
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
 def _check_dtype(dtype: Optional[mx.Dtype]) -> None:
@@ -131,10 +154,15 @@ def _load_folder(folder: Path, dtype: Optional[mx.Dtype]) -> CausalLM:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from None
     if not isinstance(hf_dict, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(hf_dict).__name__}")
+    hf_dict = dict(hf_dict)
+    quantization = quantized.read_quantization(hf_dict)  # mlx-lm's quantized folders
     config = hf.config_from_hf(hf_dict)
     weights = read_safetensors_folder(folder)
     model = from_config(config)
-    assign_weights(model, weights, hf.layout(config, list(weights)), str(folder), dtype)
+    layout = hf.layout(config, list(weights))
+    if quantization is not None:
+        weights = quantized.quantize_from_file(model, quantization, weights, layout)
+    assign_weights(model, weights, layout, str(folder), dtype)
     return model
 
 

@@ -15,6 +15,7 @@ COMMANDS = {
     "bench": "zoo.cli.bench",
     "study": "zoo.cli.study",
     "train": "zoo.cli.train",
+    "convert": "zoo.cli.convert",
 }
 
 
