@@ -262,3 +262,27 @@ def test_generate_runs_distributed_unchanged():
     assert both.returncode == 0, both.stderr
     assert both.stdout == alone.stdout  # rank 0 only, and the same greedy story
     assert both.stderr.count("Generation:") == 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loading_a_shard_never_holds_the_whole_model(family, tmp_path):
+    """zoo.load_model(folder, group=) slices while reading, block by block: its peak memory is
+    one shard plus one unsliced block, and the shard equals zoo.shard of the loaded model."""
+    overrides = dict(d_model=256, n_layers=4, n_heads=8, head_dim=32, d_ff=1024)
+    if family == "llama":
+        overrides.update(n_kv_heads=4, tie_embeddings=False)
+    zoo.save(zoo.build(family, preset="tiny", **overrides), tmp_path)
+    whole = zoo.load_model(tmp_path)
+    whole_bytes = zoo.distributed.weight_bytes(whole)
+    block_bytes = zoo.distributed.weight_bytes(whole.layers[0])
+    want = zoo.shard(whole, StandIn(1, 2))
+    del whole
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    got = zoo.load_model(tmp_path, group=StandIn(1, 2))
+    peak = mx.get_peak_memory() - base
+    shard_bytes = zoo.distributed.weight_bytes(got)
+    assert shard_bytes < 0.6 * whole_bytes
+    assert peak <= shard_bytes + 1.05 * block_bytes < whole_bytes, (peak, shard_bytes, block_bytes, whole_bytes)
+    assert {k: v.shape for k, v in tree_flatten(got.parameters())} == {k: v.shape for k, v in tree_flatten(want.parameters())}
+    assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(tree_flatten(got.parameters()), tree_flatten(want.parameters())))
