@@ -107,13 +107,19 @@ def worker(folder: str, out: str) -> None:
     import zoo
     from zoo.distributed import all_sum, weight_bytes
 
+    import resource
+
+    def rss() -> int:  # the process's peak resident set so far (Linux: KiB)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     group = mx.distributed.init()
     distributed = group.size() > 1
+    rss_start = rss()
     mx.reset_peak_memory()
     started = time.perf_counter()
     model = zoo.load_model(folder, group=group if distributed else None)
     load_s = time.perf_counter() - started
-    load_peak = mx.get_peak_memory()
+    load_peak, rss_load = mx.get_peak_memory(), rss()
     prompt = [(7 * i + 3) % model.config.vocab_size for i in range(PROMPT)]
     cache = caches.make("preallocated", model)
     tokens, stamps = [], []
@@ -124,7 +130,8 @@ def worker(folder: str, out: str) -> None:
     report = dict(rank=group.rank(), size=group.size(), load_s=load_s, load_peak_bytes=load_peak,
                   weight_bytes=weight_bytes(model), cache_bytes=sum(c.nbytes for c in cache),
                   peak_bytes=mx.get_peak_memory(), prefill_tok_s=PROMPT / (stamps[0] - started),
-                  decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens=tokens)
+                  decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens=tokens,
+                  rss_start_bytes=rss_start, rss_load_bytes=rss_load, rss_peak_bytes=rss())
     if distributed:
         x = mx.ones((1, 1, model.config.d_model))
         mx.eval(all_sum(x, group))
@@ -171,8 +178,11 @@ def measured_table(runs: dict) -> str:
     lines = ["| | 1 process | 2 processes: rank 0 | rank 1 |", "| --- | --- | --- | --- |"]
     for label, key, scale, fmt in [("weights (MB)", "weight_bytes", mb, ".1f"),
                                    (f"cache after {PROMPT}+{DECODE} tokens, preallocated (MB)", "cache_bytes", mb, ".2f"),
-                                   ("peak while loading (MB)", "load_peak_bytes", mb, ".1f"),
-                                   ("peak overall (MB)", "peak_bytes", mb, ".1f"),
+                                   ("MLX peak while loading (MB)", "load_peak_bytes", mb, ".1f"),
+                                   ("MLX peak overall (MB)", "peak_bytes", mb, ".1f"),
+                                   ("process RSS before loading: Python + libraries (MB)", "rss_start_bytes", mb, ".0f"),
+                                   ("process peak RSS after loading (MB)", "rss_load_bytes", mb, ".0f"),
+                                   ("process peak RSS at the end (MB)", "rss_peak_bytes", mb, ".0f"),
                                    ("prefill tok/s", "prefill_tok_s", 1, ".0f"),
                                    ("decode tok/s", "decode_tok_s", 1, ".1f")]:
         lines.append(f"| {label} | {one[key] / scale:{fmt}} | {r0[key] / scale:{fmt}} | {r1[key] / scale:{fmt}} |")
