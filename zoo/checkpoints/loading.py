@@ -29,18 +29,23 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def load_model(path: PathLike, *, dtype: Optional[mx.Dtype] = None) -> CausalLM:
+def load_model(path: PathLike, *, dtype: Optional[mx.Dtype] = None, group: Any = None) -> CausalLM:
     """A model from an HF-style folder (config.json + *.safetensors, model_type gpt2 or
-    llama) or a llama-architecture .gguf file. `dtype` casts the weights (None: as stored)."""
-    return _load_with_source(path, dtype)[0]
+    llama) or a llama-architecture .gguf file. `dtype` casts the weights (None: as stored).
+
+    `group` (an mx.distributed.Group of more than one process; default: the one
+    zoo.distributed.enable set, as the CLI does under mlx.launch) returns this process's
+    shard (zoo.shard), sliced block by block while reading safetensors, so the whole model
+    is never in this process's memory (a GGUF file is read whole first)."""
+    return _load_with_source(path, dtype, group)[0]
 
 
-def load(path: PathLike, *, dtype: Optional[mx.Dtype] = None) -> tuple[CausalLM, Any]:
+def load(path: PathLike, *, dtype: Optional[mx.Dtype] = None, group: Any = None) -> tuple[CausalLM, Any]:
     """(model, tokenizer) from an HF-style folder (tokenizer files beside the weights) or a
-    .gguf file (tokenizer from its embedded vocabulary)."""
+    .gguf file (tokenizer from its embedded vocabulary). `group`: as in load_model."""
     from ..tokenizers import load_tokenizer, tokenizer_from_gguf
 
-    model, (kind, source) = _load_with_source(path, dtype)
+    model, (kind, source) = _load_with_source(path, dtype, group)
     tokenizer = tokenizer_from_gguf(source) if kind == "gguf" else load_tokenizer(source)
     return model, tokenizer
 
@@ -115,16 +120,26 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == gguf.MAGIC
 
 
-def _load_with_source(path: PathLike, dtype: Optional[mx.Dtype]) -> tuple[CausalLM, tuple[str, Any]]:
-    """(model, ("gguf", metadata) or ("folder", folder path))."""
+def _load_with_source(path: PathLike, dtype: Optional[mx.Dtype], group: Any = None) -> tuple[CausalLM, tuple[str, Any]]:
+    """(model, ("gguf", metadata) or ("folder", folder path)); sharded over `group` (see load_model)."""
+    from .. import distributed
+
+    group = distributed.default_group() if group is None else group
+    if group is None or group.size() == 1:
+        return _read_source(path, dtype, evaluate=True)
+    model, source = _read_source(path, dtype, evaluate=False)  # lazy: nothing read yet
+    return distributed.shard(model, group), source
+
+
+def _read_source(path: PathLike, dtype: Optional[mx.Dtype], evaluate: bool) -> tuple[CausalLM, tuple[str, Any]]:
     _check_dtype(dtype)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: expected an HF-style folder or a .gguf file")
     if path.is_dir():
-        return _load_folder(path, dtype), ("folder", path)
+        return _load_folder(path, dtype, evaluate), ("folder", path)
     if _is_gguf(path):
-        model, metadata = _load_gguf(path, dtype)
+        model, metadata = _load_gguf(path, dtype, evaluate)
         return model, ("gguf", metadata)
     raise ValueError(
         f"{path} is neither a folder nor a .gguf file; for safetensors weights pass the folder "
@@ -132,15 +147,15 @@ def _load_with_source(path: PathLike, dtype: Optional[mx.Dtype]) -> tuple[Causal
     )
 
 
-def _load_gguf(path: Path, dtype: Optional[mx.Dtype]) -> tuple[CausalLM, dict[str, Any]]:
+def _load_gguf(path: Path, dtype: Optional[mx.Dtype], evaluate: bool = True) -> tuple[CausalLM, dict[str, Any]]:
     weights, metadata = gguf.read(path)
     config = gguf.config_from_gguf(metadata, weights)
     model = from_config(config)
-    assign_weights(model, weights, gguf.GGUFLlamaLayout(config), str(path), dtype)
+    assign_weights(model, weights, gguf.GGUFLlamaLayout(config), str(path), dtype, evaluate)
     return model, metadata
 
 
-def _load_folder(folder: Path, dtype: Optional[mx.Dtype]) -> CausalLM:
+def _load_folder(folder: Path, dtype: Optional[mx.Dtype], evaluate: bool = True) -> CausalLM:
     config_path = folder / CONFIG
     if not config_path.is_file():
         raise ValueError(
@@ -162,7 +177,7 @@ def _load_folder(folder: Path, dtype: Optional[mx.Dtype]) -> CausalLM:
     layout = hf.layout(config, list(weights))
     if quantization is not None:
         weights = quantized.quantize_from_file(model, quantization, weights, layout)
-    assign_weights(model, weights, layout, str(folder), dtype)
+    assign_weights(model, weights, layout, str(folder), dtype, evaluate)
     return model
 
 
