@@ -54,8 +54,9 @@ void kvzoo_gemv_shim_counts(long *gemv, long *gemm) {
 
 static int is_trans(int t) { return t == Trans || t == ConjTrans; /* real data: conj == trans */ }
 
-/* y[i * inc] = 0 for i < n: with beta == 0, BLAS says C is not read, but a gemv's y-scaling by 0
- * would turn garbage NaNs in MLX's fresh output buffer into NaNs. */
+/* y[i * inc] = 0 for i < n: with beta == 0, BLAS says C is not read, but a gemv scales y by 0,
+ * and whether NaNs in MLX's fresh (uninitialised) output survive that differs between OpenBLAS
+ * versions (0.3.21 zeroes them). Zeroing first makes it not matter. */
 static void zero(float *y, int n, int inc) {
     for (int i = 0; i < n; ++i) y[(size_t)i * inc] = 0.0f;
 }
