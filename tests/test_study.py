@@ -271,6 +271,10 @@ def test_the_command_writes_study_json_with_the_documented_fields(cli_run):
         assert run["cost"]["prefill_tokens_per_s"] > 0
     assert runs["concat"]["quality"]["kl_max"] < 1e-6
     assert runs["rotating:max_size=16:keep=0"]["quality"]["kl_mean"] > 0.01
+    # the text's run: a window holds 16 tokens' keys at most, the exact cache all 159 fed
+    per_token = 2 * 5 * 4 * 8 * 4  # (k, v) x layers x kv heads x head size x float32 bytes
+    assert runs["rotating:max_size=16:keep=0"]["quality"]["peak_bytes"] == 16 * per_token
+    assert runs["concat"]["quality"]["peak_bytes"] == 159 * per_token
     window_bytes = runs["rotating:max_size=16:keep=0"]["cost"]["points"]
     assert window_bytes[0]["bytes"] == window_bytes[1]["bytes"]  # a full window stays that size
     assert runs["rotating:max_size=16:keep=0"]["cost"]["points"][-1]["held_tokens"] == 16

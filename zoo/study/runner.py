@@ -292,7 +292,7 @@ def study_model(path: str, content: str, specs: list[CacheSpec], settings: Setti
         "tokens": n,
         "scored_tokens": n - 1,
         "notes": notes,
-        "baseline": {"cache": base.label, "ppl": base_ppl,
+        "baseline": {"cache": base.label, "ppl": base_ppl, "peak_bytes": comparison.base_peak_bytes,
                      "ppl_windows": windows(comparison.base_nll, settings.window), "cost": cost,
                      "needle": needle.get("baseline")},
         "needle": {k: v for k, v in needle.items() if k != "baseline"},
