@@ -315,3 +315,23 @@ def test_zoo_study_is_callable_and_its_modules_reachable(loaded, tmp_path):
                        settings=settings, progress=False)
     assert zoo.study.spec.parse("concat").name == "concat"
     assert result["models"][0]["runs"][0]["quality"]["kl_max"] < 1e-6
+
+
+def test_a_plugin_file_reaches_the_command(tmp_path, capsys):
+    """`--plugin` registers a user's cache before the specs are read: it is studied like any other."""
+    from tests.helpers.user_caches import forget_plugin
+    from zoo.cli import main
+
+    from pathlib import Path
+
+    plugin = Path(__file__).resolve().parents[1] / "docs" / "examples" / "half_cache.py"
+    try:
+        status = main(["study", "--plugin", str(plugin), "--model", str(require_asset("stories260K/stories260K.gguf")),
+                       "--text", str(require_asset(TEXT)), "--caches", "half", "--out", str(tmp_path),
+                       "--quick", "--max-tokens", "96", "--no-needle", "--no-cost", "--no-plots"])
+    finally:
+        forget_plugin("half", "half_cache")
+    assert status == 0, capsys.readouterr()
+    (run,) = json.loads((tmp_path / "study.json").read_text())["models"][0]["runs"]
+    assert run["cache"] == "half" and run["conformance"]["ok"]
+    assert 0 < run["quality"]["kl_mean"] < 1e-3  # half-precision keys: a small, real drift
