@@ -269,6 +269,8 @@ def test_the_command_writes_study_json_with_the_documented_fields(cli_run):
         assert [p["context"] for p in run["cost"]["points"]] == [32, 96]
         assert run["cost"]["peak_bytes"] >= run["cost"]["points"][-1]["bytes"] > 0
         assert run["cost"]["prefill_tokens_per_s"] > 0
+        for point in run["cost"]["points"]:
+            assert point["decode_tokens_per_s_best"] >= point["decode_tokens_per_s"] > 0
     assert runs["concat"]["quality"]["kl_max"] < 1e-6
     assert runs["rotating:max_size=16:keep=0"]["quality"]["kl_mean"] > 0.01
     # the text's run: a window holds 16 tokens' keys at most, the exact cache all 159 fed
