@@ -337,3 +337,18 @@ def test_a_plugin_file_reaches_the_command(tmp_path, capsys):
     (run,) = json.loads((tmp_path / "study.json").read_text())["models"][0]["runs"]
     assert run["cache"] == "half" and run["conformance"]["ok"]
     assert 0 < run["quality"]["kl_mean"] < 1e-3  # half-precision keys: a small, real drift
+
+
+def test_spans_chunk_then_decode_one_token_at_a_time():
+    from zoo.study.perplexity import spans
+
+    assert list(spans(10, 4)) == [(0, 4), (4, 8), (8, 10)]
+    assert list(spans(10, 4, prefill=6)) == [(0, 4), (4, 6)] + [(i, i + 1) for i in range(6, 10)]
+    with pytest.raises(ValueError, match="prefill"):
+        list(spans(10, 4, prefill=0))
+
+
+def test_perplexity_in_decode_mode_through_an_exact_cache_is_the_uncached_models(loaded, tokens):
+    model, _ = loaded
+    nll = token_nll(model, tokens[:120], caches.make("preallocated", model), chunk=32, prefill=70)
+    np.testing.assert_allclose(nll, uncached_nll(model, tokens[:120]), atol=2e-4)

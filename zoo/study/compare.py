@@ -45,9 +45,11 @@ class Comparison:
 
 
 def compare(model: Any, tokens: Sequence[int], base: list, tests: dict[str, list], *,
-            chunk: int = 256, progress: Optional[Callable[[int], None]] = None) -> Comparison:
+            chunk: int = 256, prefill: Optional[int] = None,
+            progress: Optional[Callable[[int], None]] = None) -> Comparison:
     """Teacher-force `tokens` through `base` (an exact cache) and every cache in `tests` (label ->
-    fresh per-layer cache) in lockstep, chunk by chunk. A test cache that raises (say, a full
+    fresh per-layer cache) in lockstep, chunk by chunk (`perplexity.spans`: with `prefill`, one
+    token per forward after the first `prefill`, as decoding feeds a cache). A test cache that raises (say, a full
     fixed-capacity buffer) stops there with the error recorded; the others go on.
     `progress(n)` is called with the tokens each chunk scored."""
     tokens = check_tokens(tokens, chunk)
@@ -55,7 +57,7 @@ def compare(model: Any, tokens: Sequence[int], base: list, tests: dict[str, list
     base_nll = np.empty(n, dtype=np.float64)
     runs = {label: Run(np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool)) for label in tests}
     base_peak = 0
-    for start, base_lp, targets in chunk_logprobs(model, base, tokens, chunk):
+    for start, base_lp, targets in chunk_logprobs(model, base, tokens, chunk, prefill=prefill):
         stop = start + targets.size
         base_peak = max(base_peak, sum(c.nbytes for c in base))
         base_nll[start:stop] = -np.array(target_logprobs(base_lp, targets))
