@@ -132,6 +132,15 @@ def model_config(s: TrainSettings, vocab_size: int) -> ModelConfig:
     return make_config(s.family, **overrides)
 
 
+def new_model(config: ModelConfig, *, seed: int) -> CausalLM:
+    """A freshly initialised model to train: Normal(0, init_std) matrices, embeddings and
+    learned position tables (0.02 by default, as GPT-2), zero biases, unit norm scales."""
+    model = from_config(config)
+    init_weights(model, seed=seed, std=config.init_std)
+    mx.eval(model.parameters())
+    return model
+
+
 def evaluate(model: CausalLM, ids: np.ndarray, s: TrainSettings) -> float:
     """Mean loss over `eval_batches` fixed random batches of `ids`, dropout off."""
     was_training = model.training
@@ -163,13 +172,11 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
     token_data = TokenData.from_ids(ids, val_fraction=s.val_fraction, block_size=s.block_size)
 
     config = ModelConfig(**saved["model_config"]) if saved else model_config(s, tokenizer.vocab_size)
-    model = from_config(config)
+    model = new_model(config, seed=s.seed)
     if saved:
         from ..checkpoints.loading import load_model
 
         model.update(load_model(folder).parameters())
-    else:
-        init_weights(model, seed=s.seed, std=config.init_std)
     # Dropout masks: MLX's global generator, seeded per (seed, first step); a resumed run draws
     # masks of its own (batches and weights still continue exactly).
     mx.random.seed(s.seed * 1_000_003 + start_step(saved))
