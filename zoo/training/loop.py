@@ -73,6 +73,7 @@ class TrainSettings:
     val_fraction: float = 0.1
     seed: int = 0
     max_minutes: Optional[float] = None  # stop after this long; the cosine then runs on time
+    stop_after: Optional[int] = None  # pause after this step (resume=True continues to `steps`)
     progress: bool = True
 
     def check(self) -> None:
@@ -162,7 +163,8 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
     folder = Path(out)
     saved = checkpoint.load_state(folder) if resume else None
     if saved is not None:  # the saved run's settings, with the ones given now on top
-        s = TrainSettings(**{**saved["settings"], **settings, "data": data, "out": out})
+        previous = {k: v for k, v in saved["settings"].items() if k != "stop_after"}
+        s = TrainSettings(**{**previous, **settings, "data": data, "out": out})
     else:
         s = TrainSettings(data=data, out=out, **settings)
     s.check()
@@ -215,7 +217,7 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
             bar.update(1)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the loss became {loss_value} at step {i + 1}; lower --lr or clip gradients")
-        out_of_time = limit is not None and time.perf_counter() - began >= limit
+        out_of_time = (limit is not None and time.perf_counter() - began >= limit) or i + 1 == s.stop_after
         if (i + 1) % s.eval_interval == 0 or i + 1 == s.steps or i == 0 or out_of_time:
             val = evaluate(model, token_data.val, s) if len(token_data.val) else None
             history.append(dict(step=i + 1, train_loss=loss_value, val_loss=val,
@@ -224,7 +226,8 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
             _print(f"step {i + 1}: train loss {loss_value:.4f}"
                    + (f" val loss {val:.4f}" if val is not None else "") + f" tok/s {speed:,.0f}", bar)
         if out_of_time:
-            _print(f"time limit of {s.max_minutes} min reached at step {i + 1} of {s.steps}", bar)
+            why = "paused (stop_after)" if i + 1 == s.stop_after else f"time limit of {s.max_minutes} min reached"
+            _print(f"{why} at step {i + 1} of {s.steps}", bar)
             break
     if bar is not None:
         bar.close()
