@@ -84,7 +84,7 @@ class TrainSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.warmup < 0 or self.warmup >= self.steps and self.warmup > 0:
+        if not 0 <= self.warmup < self.steps:
             raise ValueError(f"warmup must be in [0, steps), got {self.warmup} with steps {self.steps}")
         if self.pad_vocab is not None and self.pad_vocab < 1:
             raise ValueError(f"pad_vocab must be a positive multiple, got {self.pad_vocab}")
@@ -189,6 +189,8 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
     if saved:
         checkpoint.load_optimizer(optimizer, folder)
         start, history = saved["step"], saved["history"]
+        if start >= s.steps:
+            raise ValueError(f"{folder} is already trained to step {start}; pass steps > {start} to continue")
     model.train()
     step = make_step(model, optimizer, clip=s.grad_clip or None)
 
@@ -197,10 +199,13 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
     bar = _progress(s, start)
     loss_value, timed_tokens, timed_seconds = float("nan"), 0, 0.0
     began = time.perf_counter()
+    earlier = history[-1].get("seconds", 0.0) if history else 0.0  # a resumed run's time so far
     limit = s.max_minutes * 60 if s.max_minutes else None
     for i in range(start, s.steps):
-        # With a time limit the schedule follows whichever runs out first, steps or time.
-        at = i if limit is None else max(i, int(s.steps * (time.perf_counter() - began) / limit))
+        # With a time limit the schedule follows whichever runs out first, steps or time (a
+        # resumed run's earlier time counts: one cosine over all of it).
+        spent = earlier + time.perf_counter() - began
+        at = i if limit is None else max(i, int(s.steps * spent / (earlier + limit)))
         optimizer.learning_rate = learning_rate(min(at, s.steps - 1), lr=s.lr, warmup=s.warmup,
                                                 total=s.steps, min_lr=min_lr)
         batches = [random_windows(token_data.train, s.batch_size, s.block_size, s.seed, i * s.grad_accum + j)
@@ -222,7 +227,7 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
             val = evaluate(model, token_data.val, s) if len(token_data.val) else None
             history.append(dict(step=i + 1, train_loss=loss_value, val_loss=val,
                                 lr=float(optimizer.learning_rate.item()), tokens_per_second=speed,
-                                seconds=round(time.perf_counter() - began, 1)))
+                                seconds=round(earlier + time.perf_counter() - began, 1)))
             _print(f"step {i + 1}: train loss {loss_value:.4f}"
                    + (f" val loss {val:.4f}" if val is not None else "") + f" tok/s {speed:,.0f}", bar)
         if out_of_time:
