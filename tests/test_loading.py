@@ -131,6 +131,30 @@ def test_dtype_casts_every_weight(tmp_path):
         zoo.load_model(tmp_path / "m", dtype="float16")
 
 
+def test_the_default_dtype_is_the_devices_as_in_the_cli(tmp_path):
+    """Half-precision weights load as the device default (float32 on the CPU, where float16
+    decodes at ~0.2x: docs/performance.md), the dtype `kvzoo generate --dtype auto` picks;
+    dtype=None keeps them as stored."""
+    from mlx.utils import tree_flatten
+
+    from zoo.runtime.device import parse_dtype
+
+    half = tiny("llama")
+    half.set_dtype(mx.float16)
+    zoo.save(half, tmp_path / "m")
+    dtypes = lambda m: {a.dtype for _, a in tree_flatten(m.parameters())}  # noqa: E731
+    default = zoo.load_model(tmp_path / "m")
+    assert dtypes(default) == {parse_dtype("auto")}  # the CLI's choice
+    if mx.default_device().type == mx.DeviceType.cpu:
+        assert dtypes(default) == {mx.float32}
+    assert dtypes(zoo.load_model(tmp_path / "m", dtype=None)) == {mx.float16}
+    explicit = zoo.load_model(tmp_path / "m", dtype=parse_dtype("auto"))
+    tokens = mx.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(np.array(default(tokens)), np.array(explicit(tokens)))
+    with pytest.raises(TypeError, match="'auto', None"):
+        zoo.load_model(tmp_path / "m", dtype="fastest")
+
+
 # -- HF folder: bad input ------------------------------------------------------------------
 
 

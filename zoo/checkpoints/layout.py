@@ -53,11 +53,14 @@ def assign_weights(
     layout: CheckpointLayout,
     source: str,
     dtype: Optional[mx.Dtype] = None,
+    evaluate: bool = True,
 ) -> None:
     """Load `file_weights` into `model` through `layout`, all or nothing.
 
     Raises ValueError naming missing, unexpected or mis-shaped tensors (by their file names)
     before any parameter changes. `dtype` casts floating-point tensors; None keeps them as stored.
+    `evaluate=False` leaves the parameters lazy (still to be read from the files), so a caller
+    can keep slices of them without ever holding every tensor (zoo.distributed).
     """
     expected = dict(tree_flatten(model.parameters()))
     mapped: dict[str, tuple[str, mx.array]] = {}
@@ -97,7 +100,8 @@ def assign_weights(
             array = array.astype(dtype)
         new.append((name, array))
     model.update(tree_unflatten(new))
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
 
 
 def file_weights_of(model: nn.Module, layout: CheckpointLayout) -> dict[str, mx.array]:
