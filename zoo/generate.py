@@ -123,9 +123,18 @@ def generate_step(
             padding=padding, vocab=vocab_size or model_vocab, stats=speculative_stats)
         return
 
+    # Decode steps over preallocated caches run compiled (zoo/runtime/compiled.py; KVZOO_COMPILE=off:
+    # never): the same tokens, logits equal up to summation order, less per-token overhead.
+    from .runtime.compiled import CompiledDecoder
+
+    decoder = CompiledDecoder(model) if CompiledDecoder.wanted(model) else None
+
     def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
-        logits = model(tokens[None], layer_caches, check_tokens=False)[:, -1, :]  # [1, V]
+        if decoder is not None and tokens.size == 1 and decoder.eligible(model, layer_caches):
+            logits = decoder(tokens, layer_caches)  # [1, V]
+        else:
+            logits = model(tokens[None], layer_caches, check_tokens=False)[:, -1, :]  # [1, V]
         if padding is not None:
             logits = logits + padding
         if processors:
