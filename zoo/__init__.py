@@ -29,9 +29,15 @@ from .checkpoints import load, load_model, save  # noqa: E402
 from .generate import generate_step  # noqa: E402
 from .stream import GenerationResponse, generate, stream_generate  # noqa: E402  zoo.generate: the function
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf  # noqa: E402
+from .fingerprint import ModelMismatchError, adopt_cache, fingerprint  # noqa: E402
+from .ownership import CacheInUseError  # noqa: E402
 
 __all__ = [
+    "CacheInUseError",
     "CausalLM",
+    "ModelMismatchError",
+    "adopt_cache",
+    "fingerprint",
     "GenerationResponse",
     "ModelConfig",
     "available",
