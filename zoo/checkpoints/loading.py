@@ -13,6 +13,7 @@ error naming the file, field or tensor.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,7 +21,8 @@ import mlx.core as mx
 
 from ..model import CausalLM
 from ..registry import from_config
-from . import gguf, hf
+from . import gguf, hf, safetensors
+from .finite import POSITIVE_HF_FIELDS, check_finite, check_positive_fields
 from .layout import assign_weights, file_weights_of
 
 PathLike = Union[str, Path]
@@ -41,7 +43,18 @@ def load(path: PathLike, *, dtype: Optional[mx.Dtype] = None) -> tuple[CausalLM,
     from ..tokenizers import load_tokenizer, tokenizer_from_gguf
 
     model, (kind, source) = _load_with_source(path, dtype)
-    tokenizer = tokenizer_from_gguf(source) if kind == "gguf" else load_tokenizer(source)
+    if kind == "gguf":
+        try:
+            tokenizer = tokenizer_from_gguf(source)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: {error}") from None
+    else:
+        tokenizer = load_tokenizer(source)
+    ids = getattr(tokenizer, "vocab_size", None)
+    if isinstance(ids, int) and ids > model.config.vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer and the model do not match: the tokenizer has "
+            f"{tokenizer.vocab_size} ids but the model's embedding has {model.config.vocab_size} rows")
     return model, tokenizer
 
 
@@ -95,6 +108,9 @@ def _is_gguf(path: Path) -> bool:
 def _load_with_source(path: PathLike, dtype: Optional[mx.Dtype]) -> tuple[CausalLM, tuple[str, Any]]:
     """(model, ("gguf", metadata) or ("folder", folder path))."""
     _check_dtype(dtype)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a model path must be a str or Path naming an HF-style folder or a .gguf "
+                        f"file, got {type(path).__name__} {path!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: expected an HF-style folder or a .gguf file")
@@ -111,7 +127,11 @@ def _load_with_source(path: PathLike, dtype: Optional[mx.Dtype]) -> tuple[Causal
 
 def _load_gguf(path: Path, dtype: Optional[mx.Dtype]) -> tuple[CausalLM, dict[str, Any]]:
     weights, metadata = gguf.read(path)
-    config = gguf.config_from_gguf(metadata, weights)
+    check_finite(weights, lambda name: str(path))
+    try:
+        config = gguf.config_from_gguf(metadata, weights)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{path}: {error}") from None
     model = from_config(config)
     assign_weights(model, weights, gguf.GGUFLlamaLayout(config), str(path), dtype)
     return model, metadata
@@ -131,7 +151,14 @@ def _load_folder(folder: Path, dtype: Optional[mx.Dtype]) -> CausalLM:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from None
     if not isinstance(hf_dict, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(hf_dict).__name__}")
-    config = hf.config_from_hf(hf_dict)
+    check_positive_fields(hf_dict, POSITIVE_HF_FIELDS, str(config_path))
+    for nested in ("rope_scaling", "rope_parameters"):
+        if isinstance(hf_dict.get(nested), dict):
+            check_positive_fields(hf_dict[nested], ("factor", "rope_theta"), f"{config_path} {nested}")
+    try:
+        config = hf.config_from_hf(hf_dict)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{config_path}: {error}") from None
     weights = read_safetensors_folder(folder)
     model = from_config(config)
     assign_weights(model, weights, hf.layout(config, list(weights)), str(folder), dtype)
@@ -139,6 +166,7 @@ def _load_folder(folder: Path, dtype: Optional[mx.Dtype]) -> CausalLM:
 
 
 def _read_safetensors(path: Path) -> dict[str, mx.array]:
+    safetensors.check_file(path)  # bounds-checked header first: MLX's reader trusts the file
     try:
         return mx.load(str(path), format="safetensors")
     except (RuntimeError, ValueError) as error:
@@ -167,7 +195,9 @@ def read_safetensors_folder(folder: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     origin: dict[str, str] = {}
     for file in files:
-        for name, array in _read_safetensors(file).items():
+        tensors = _read_safetensors(file)
+        check_finite(tensors, lambda name: str(file))
+        for name, array in tensors.items():
             if name in weights:
                 raise ValueError(f"tensor {name!r} appears in both {origin[name]} and {file.name}")
             weights[name], origin[name] = array, file.name
