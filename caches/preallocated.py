@@ -14,7 +14,7 @@ def _examples(head_dim: int, seq_len: int) -> list[dict]:
     return [{}, {"step": 3}, {"capacity": seq_len}]
 
 
-@register("preallocated", examples=_examples)
+@register("preallocated", examples=_examples, ragged=True)
 class PreallocatedCache(Cache):
     """Keys and values written in place into a buffer (mlx-lm's KVCache).
 
@@ -85,6 +85,9 @@ class PreallocatedCache(Cache):
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def _select_rows(self, index):
+        self._take_rows(index, "keys", "values")
 
     def _trim(self, n):
         pass  # the slots past the new offset are overwritten by the next update

@@ -85,6 +85,10 @@ def generate_step(
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs [V]) for each generated token.
 
+    prompt_tokens: one prompt (token ids), or a batch: a list of token id lists of any lengths
+    (or an int array [B, L]); a batch yields (tokens [B] as ints, logprobs [B, V]) per step, each
+    row what that prompt gives alone (zoo/batch.py; zoo.batch_generate adds per-row stops).
+
     cache: a registry name (default: `default_cache(model)`, options in `cache_options`) or a list
     of caches, one per layer; a list that already holds tokens continues from its offset.
     sampler: log-probabilities [1, V] -> token [1]; greedy by default.
@@ -100,6 +104,18 @@ def generate_step(
     """
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+    from .batch import is_batch
+
+    if is_batch(prompt_tokens):  # a batch of prompts: zoo/batch.py, one (tokens [B], logprobs [B, V]) per step
+        if draft is not None or prompt_lookup is not None:
+            raise ValueError("speculative decoding runs one prompt at a time; pass a single prompt")
+        from .batch import batch_generate_step
+
+        yield from batch_generate_step(
+            model, prompt_tokens, cache=cache, cache_options=cache_options, sampler=sampler,
+            logits_processors=logits_processors, max_tokens=max_tokens, prefill_step=prefill_step,
+            vocab_size=vocab_size)
+        return
     if not isinstance(prefill_step, int) or prefill_step < 1:
         raise ValueError(f"prefill_step must be an int >= 1, got {prefill_step!r}")
     model_vocab = model.config.vocab_size
