@@ -266,12 +266,16 @@ class Cache:
         returns, under its reference's mask plus the positional bias."""
         keys, values = self.update_and_fetch(keys, values)
         fetched = self._fetched
-        if self.padding is not None:  # ragged rows: each row's own positions, padding hidden
-            positions = self.fetched_positions()
-        elif fetched.causal and bias is None and queries.shape[2] == 1:
+        if self.padding is not None:
+            # Ragged rows: each row's own positions, padding hidden, and always the reference's
+            # mask (`causal` promises plain causal visibility of the padded sequence, which a
+            # strategy grown for the padding, like rotating's extra slots, no longer keeps).
+            return scaled_dot_product_attention(
+                queries, keys, values, scale=scale, q_positions=q_positions,
+                k_positions=self.fetched_positions(), reference=self.reference, bias=bias)
+        if fetched.causal and bias is None and queries.shape[2] == 1:
             return fast_sdpa(queries, keys, values, scale=scale)  # one query sees every key
-        else:
-            positions = fetched.positions() if callable(fetched.positions) else fetched.positions
+        positions = fetched.positions() if callable(fetched.positions) else fetched.positions
         return scaled_dot_product_attention(
             queries, keys, values, scale=scale, q_positions=q_positions, k_positions=positions,
             reference=EXACT if fetched.causal else self.reference, bias=bias,

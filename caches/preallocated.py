@@ -36,14 +36,15 @@ class PreallocatedCache(Cache):
             )
         self.step = step
         self.capacity = capacity
+        self._slots = capacity  # capacity + the largest left padding of a ragged batch
         self.keys = None
         self.values = None
 
     def _check(self, keys, values):
         held, L = self.offset, keys.shape[2]
-        if self.capacity is not None and held + L > self.capacity:
+        if self._slots is not None and held + L > self._slots:
             raise ValueError(
-                f"preallocated cache is full: capacity {self.capacity} tokens, holds {held}, "
+                f"preallocated cache is full: capacity {self._slots} slots, holds {held}, "
                 f"cannot add {L}; build it with a larger capacity, or capacity=None to grow"
             )
 
@@ -58,7 +59,7 @@ class PreallocatedCache(Cache):
     def _grow(self, keys, values):
         """Make room for `keys`' L tokens: capacity slots at once, else whole steps."""
         B, H, L, Dk = keys.shape
-        slots = self.capacity if self.capacity is not None else (self.step + L - 1) // self.step * self.step
+        slots = self._slots if self._slots is not None else (self.step + L - 1) // self.step * self.step
         new_k = mx.zeros((B, H, slots, Dk), keys.dtype)
         new_v = mx.zeros((B, H, slots, values.shape[3]), values.dtype)
         if self.keys is None:
@@ -85,6 +86,11 @@ class PreallocatedCache(Cache):
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def _prepare_rows(self, padding):
+        """A capacity counts each row's tokens: the padded rows get that many slots more."""
+        if self.capacity is not None:
+            self._slots = self.capacity + max(padding)
 
     def _select_rows(self, index):
         self._take_rows(index, "keys", "values")

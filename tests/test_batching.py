@@ -24,7 +24,7 @@ import zoo
 from caches.reference import StoredReference
 
 MAX_LEN = 16
-MAX_DECODE = 6
+MAX_DECODE = 10
 
 
 def padded_batch(rows: list[list[int]], pad_token: int) -> tuple[mx.array, list[int]]:
@@ -147,11 +147,12 @@ GRID = [(family, scheme, cache_name) for family in zoo.available() for scheme in
 def test_grid_every_family_scheme_and_cache_batched(family, scheme, cache_name):
     """Each family x scheme x cache at least once, with every declared option set, one head
     layout each (MHA, GQA, MQA in turn), rows of lengths 14, 3, 1, 9 (wrapping at different
-    times in a rotating cache), chunked prefill and greedy decoding."""
+    times in a rotating cache, and decoding one token at a time long after the padded batch
+    wrapped), chunked prefill and greedy decoding."""
     n_kv_heads = (4, 2, 1)[GRID.index((family, scheme, cache_name)) % 3]
     for options in caches.examples(cache_name, head_dim=32, seq_len=20):
-        s = dict(family=family, cache=cache_name, options=options, lengths=[14, 3, 1, 9], decode=5,
-                 chunks=[5, 1, 7, 6], prefill_step=4, seed=7,
+        s = dict(family=family, cache=cache_name, options=options, lengths=[14, 3, 1, 9], decode=12,
+                 chunks=[5, 1, 7, 6] + [1] * 7, prefill_step=4, seed=7,
                  config=dict(positional=scheme, n_heads=4, n_kv_heads=n_kv_heads, head_dim=32,
                              n_layers=2, d_model=32, vocab_size=48, d_ff=48, max_positions=64, init_std=0.1))
         run_batch_scenario(s)
