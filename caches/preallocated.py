@@ -44,7 +44,8 @@ class PreallocatedCache(Cache):
         held, L = self.offset, keys.shape[2]
         if self._slots is not None and held + L > self._slots:
             raise ValueError(
-                f"preallocated cache is full: capacity {self._slots} slots, holds {held}, "
+                f"preallocated cache is full: capacity {self.capacity} tokens"
+                f"{'' if self._slots == self.capacity else f' (+ {self._slots - self.capacity} slots of left padding)'}, holds {held}, "
                 f"cannot add {L}; build it with a larger capacity, or capacity=None to grow"
             )
 
