@@ -600,6 +600,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     loadavg = list(os.getloadavg())
     try:
         section = bench_batch.run(quick=args.quick, smoke=getattr(args, "smoke", False), dtype=dtype,
+                                  selected=_csv(args.caches), repeats=args.repeats,
                                   progress=lambda label: progress.step(label, 0))
     finally:
         progress.close()

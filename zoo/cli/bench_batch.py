@@ -43,11 +43,14 @@ def _mlx_lm_caches(kind: str, window: int) -> Callable[[Any], list]:
     return lambda twin: [lm_cache.RotatingKVCache(max_size=window, keep=0) for _ in twin.layers]
 
 
-def entries(head_dim: int, window: int, longest: int) -> list[tuple[str, dict, Optional[str]]]:
+def entries(head_dim: int, window: int, longest: int,
+            selected: Optional[list[str]] = None) -> list[tuple[str, dict, Optional[str]]]:
     """(cache, options, mlx-lm counterpart or None) for every registered cache that serves
     ragged rows: its mlx-lm twin's options where it has one, else its first declared options."""
     out: list[tuple[str, dict, Optional[str]]] = []
     for name in caches.available():
+        if selected is not None and name not in selected:
+            continue
         if caches.ragged_refusal(caches.get(name)):
             continue
         if name == "preallocated":
@@ -102,7 +105,7 @@ def mlx_lm_decode(twin, prompts: list[list[int]], make_caches: Callable[[Any], l
 
 def bench_batch(*, quick: bool, repeats: int, decode: int, batch_sizes: tuple[int, ...],
                 lengths: tuple[int, int], dtype: str = "float32", seed: int = 0,
-                progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                selected: Optional[list[str]] = None, progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """The batch section of the report: one row per (cache, batch size)."""
     from ..checkpoints.mlx_lm import to_mlx_lm
 
@@ -115,7 +118,7 @@ def bench_batch(*, quick: bool, repeats: int, decode: int, batch_sizes: tuple[in
     prompt_sets = {b: [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(*lengths))] for _ in range(b)]
                    for b in batch_sizes}
     rows = []
-    for cache, options, counterpart in entries(cfg.head_dim, window, lengths[1] + decode):
+    for cache, options, counterpart in entries(cfg.head_dim, window, lengths[1] + decode, selected):
         for b in batch_sizes:
             prompts = prompt_sets[b]
             kvzoo_decode(model, [p[:8] for p in prompts[:2]], cache, options, 2)  # warm-up
@@ -148,15 +151,25 @@ def bench_batch(*, quick: bool, repeats: int, decode: int, batch_sizes: tuple[in
                 decode=decode, repeats=repeats, prompt_lengths=list(lengths), window=window, rows=rows)
 
 
-def run(*, quick: bool, smoke: bool = False, dtype: str = "float32", progress=None) -> dict[str, Any]:
-    if smoke:  # the test suite's run: every code path, seconds
-        return bench_batch(quick=True, repeats=1, decode=3, batch_sizes=(1, 3), lengths=(4, 12),
-                           dtype=dtype, progress=progress)
-    if quick:
-        return bench_batch(quick=True, repeats=2, decode=32, batch_sizes=(1, 4, 8), lengths=(16, 128),
-                           dtype=dtype, progress=progress)
-    return bench_batch(quick=False, repeats=3, decode=64, batch_sizes=(1, 4, 8, 16), lengths=(64, 512),
-                       dtype=dtype, progress=progress)
+def run(*, quick: bool, smoke: bool = False, dtype: str = "float32", selected: Optional[list[str]] = None,
+        repeats: Optional[int] = None, progress=None) -> dict[str, Any]:
+    """smoke: every code path in seconds (the test suite); quick: the tiny preset; else the
+    small Llama preset (~100M parameters) with prompts of 64-512 tokens."""
+    if smoke:
+        mode = dict(quick=True, repeats=1, decode=3, batch_sizes=(1, 3), lengths=(4, 12))
+    elif quick:
+        mode = dict(quick=True, repeats=2, decode=32, batch_sizes=(1, 4, 8, 16), lengths=(16, 128))
+    else:
+        mode = dict(quick=False, repeats=3, decode=32, batch_sizes=(1, 4, 8, 16), lengths=(64, 512))
+    if selected is not None:
+        unknown = sorted(set(selected) - set(caches.available()))
+        if unknown:
+            raise ValueError(f"unknown cache(s) {unknown}; registered: {', '.join(caches.available())}")
+    if repeats is not None:
+        if repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {repeats}")
+        mode["repeats"] = repeats
+    return bench_batch(dtype=dtype, selected=selected, progress=progress, **mode)
 
 
 def format_rows(section: dict[str, Any]) -> str:
