@@ -273,3 +273,39 @@ def test_bad_batches_are_refused_with_what_is_allowed():
         c.prepare_rows([2, 0])
     with pytest.raises(ValueError, match="2 rows"):
         model(mx.array([[1, 2]]), fresh)
+
+
+# -- the conformance kit checks rows for a cache that declares them ----------------------
+
+def test_the_conformance_kit_checks_ragged_rows_of_a_declared_cache():
+    """A user cache that declares ragged=True but stores every row at the first row's slots
+    (it drops the row axis) is caught by caches.conformance.check; the built-ins pass."""
+    from helpers.user_caches import NewestFirstCache
+
+    from caches import conformance
+    from caches.registry import CACHES
+
+    class RowBlindCache(NewestFirstCache):
+        def _append(self, keys, values):
+            fetched = super()._append(keys, values)
+            k, v = fetched.keys[:1], fetched.values[:1]  # every row reads row 0's keys
+            return caches.Fetched(mx.broadcast_to(k, fetched.keys.shape), mx.broadcast_to(v, fetched.values.shape),
+                                  fetched.positions)
+
+    model = zoo.build("llama", preset="tiny", seed=0)
+    prompt = list(range(3, 15))
+    try:
+        caches.register("test_row_blind", ragged=True)(RowBlindCache)
+        caches.register("test_newest_first_rows", ragged=True)(type("Rows", (NewestFirstCache,), {}))
+        blind = conformance.check(model, lambda: caches.make("test_row_blind", model), prompt)
+        assert not blind.ok and blind.rows and "differs from that row alone" in blind.rows[0]
+        good = conformance.check(model, lambda: caches.make("test_newest_first_rows", model), prompt)
+        assert good.ok and not good.rows  # stores by slot: the base class makes it ragged
+    finally:
+        for name in ("test_row_blind", "test_newest_first_rows"):
+            if name in CACHES:
+                CACHES.remove(name)
+    for name in RAGGED:
+        for options in caches.examples(name, head_dim=model.config.head_dim, seq_len=24):
+            report = conformance.check(model, lambda: caches.make(name, model, **options), prompt, decode=4)
+            assert not report.rows, (name, options, report.rows)
