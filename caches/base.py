@@ -24,6 +24,7 @@ What a strategy implements (see docs/architecture.md, "Adding a cache"):
     _check(keys, values)    strategy-specific refusals, raised before anything changes
     _select_rows(index)     keep only rows `index` (int32 [B']) of every stored array
     _prepare_rows(padding)  get ready for rows left-padded by `padding` (rarely needed)
+    _extend_rows(other, width, padding)  append `other`'s rows, both left-padded to `width`
 
 and declares, once, at registration (`@caches.register(name, reference=..., examples=...,
 exact=...)`, see caches/registry.py) what the conformance kit needs: its reference (what the
@@ -118,6 +119,29 @@ class Cache:
         """Called on an empty cache before rows left-padded by `padding` arrive; a strategy
         whose storage depends on positions adapts here (by default nothing to do)."""
 
+    def _extend_rows(self, other: "Cache", width: int, padding: tuple[int, ...]) -> None:
+        """Append the rows of `other` (same class and options): both sides' stored slots left-
+        padded to `width` slots; `padding` is every row's left padding afterwards."""
+        raise NotImplementedError
+
+    def _stack_rows(self, other: "Cache", width: int, *names: str) -> None:
+        """`_extend_rows` for in-order storage in attributes `names` ([B, H, S, *] arrays, or
+        lists/tuples of them): each side's first `offset` slots, zero slots in front up to
+        `width`, then the rows of `other` after this cache's."""
+        def fit(a: mx.array, offset: int) -> mx.array:
+            a = a[:, :, :offset]
+            if offset < width:
+                a = mx.concatenate([mx.zeros((*a.shape[:2], width - offset, *a.shape[3:]), a.dtype), a], axis=2)
+            return a
+
+        for name in names:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if isinstance(mine, mx.array):
+                setattr(self, name, mx.concatenate([fit(mine, self.offset), fit(theirs, other.offset)], axis=0))
+            else:
+                setattr(self, name, type(mine)(mx.concatenate([fit(a, self.offset), fit(b, other.offset)], axis=0)
+                                               for a, b in zip(mine, theirs)))
+
     def _take_rows(self, index: mx.array, *names: str) -> None:
         """`_select_rows` for arrays kept in attributes `names` (an array, a list/tuple of
         arrays, or None each)."""
@@ -210,6 +234,34 @@ class Cache:
         self._prepare_rows(padding)
         self.row_padding = padding
         self.padding = mx.array(padding, dtype=mx.int32)
+
+    def extend_rows(self, other: "Cache") -> None:
+        """Append the rows of `other` (a cache of the same class and options holding other
+        prompts, e.g. just prefilled) after this cache's rows: continuous batching. The side
+        with fewer slots gets left padding in front, so every row keeps its own positions.
+        Raises NotImplementedError for a strategy without `_extend_rows`, ValueError for a
+        cache that does not match (nothing changes then)."""
+        if type(other) is not type(self) or other.options() != self.options():
+            raise ValueError(f"extend_rows needs a {type(self).__name__} with options {self.options()}, "
+                             f"got {type(other).__name__}")
+        if self._layout is None or other._layout is None:
+            raise ValueError("extend_rows joins caches that both hold tokens")
+        if self._layout[1:] != other._layout[1:]:
+            raise ValueError(f"extend_rows: layouts differ beyond the row count: {self._layout} and {other._layout}")
+        if type(self)._extend_rows is Cache._extend_rows:
+            raise NotImplementedError(f"{type(self).__name__} cannot take rows into a running batch (no _extend_rows)")
+        width = max(self.offset, other.offset)
+        mine = self.row_padding or (0,) * self._layout[0]
+        theirs = other.row_padding or (0,) * other._layout[0]
+        padding = tuple(p + width - self.offset for p in mine) + tuple(p + width - other.offset for p in theirs)
+        if any(padding) and ragged_refusal(type(self)):
+            raise ValueError(ragged_refusal(type(self)))
+        self._extend_rows(other, width, padding)
+        self.offset = width
+        self._layout = (len(padding), *self._layout[1:])
+        self.row_padding = padding if any(padding) else None
+        self.padding = mx.array(padding, dtype=mx.int32) if any(padding) else None
+        self._fetched = None
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (indices, in the order given): finished generations leave the batch

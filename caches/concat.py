@@ -42,6 +42,9 @@ class ConcatCache(Cache):
     def _select_rows(self, index):
         self._take_rows(index, "keys", "values")
 
+    def _extend_rows(self, other, width, padding):
+        self._stack_rows(other, width, "keys", "values")
+
     def _trim(self, n):
         self.keys = self.keys[..., : self.offset - n, :]
         self.values = self.values[..., : self.offset - n, :]

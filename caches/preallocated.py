@@ -96,5 +96,10 @@ class PreallocatedCache(Cache):
     def _select_rows(self, index):
         self._take_rows(index, "keys", "values")
 
+    def _extend_rows(self, other, width, padding):
+        if self.capacity is not None:  # every row can still hold `capacity` tokens
+            self._slots = self.capacity + max(padding)
+        self._stack_rows(other, width, "keys", "values")
+
     def _trim(self, n):
         pass  # the slots past the new offset are overwritten by the next update

@@ -308,6 +308,9 @@ class QuantizedCache(Cache):
     def _select_rows(self, index):
         self._take_rows(index, "keys", "values")
 
+    def _extend_rows(self, other, width, padding):
+        self._stack_rows(other, width, "keys", "values")
+
     def _trim(self, n):
         pass  # slots past the new offset are overwritten by the next update
 

@@ -331,3 +331,46 @@ def test_a_saved_ragged_batch_loads_and_continues_bit_exactly(cache_name, tmp_pa
         a, b = model(step, cache), model(step, loaded)
         assert mx.array_equal(a, b)
         step = mx.argmax(a[:, -1], axis=-1)[:, None].astype(mx.int32)
+
+
+EXTENDABLE = [n for n in RAGGED if caches.get(n)._extend_rows is not caches.Cache._extend_rows]
+
+
+@pytest.mark.parametrize("cache_name", EXTENDABLE)
+@pytest.mark.parametrize("scheme", positional.available())
+def test_rows_joining_a_running_batch_continue_as_if_alone(cache_name, scheme):
+    """Continuous batching: a batch decodes a while, new prompts are prefilled apart and join it
+    (extend_rows, shorter or longer than the running rows), and every row, old and new, keeps
+    giving the logits of that row alone."""
+    model = zoo.build("gpt2", seed=6, positional=scheme, n_heads=4, n_kv_heads=2, head_dim=32, n_layers=2,
+                      d_model=32, vocab_size=40, d_ff=32, max_positions=64, init_std=0.1)
+    rng = random.Random(4)
+    old = [[rng.randrange(40) for _ in range(n)] for n in (6, 2)]
+    new = [[rng.randrange(40) for _ in range(n)] for n in (13, 1)]
+    options = caches.examples(cache_name, head_dim=32, seq_len=30)[0]
+    running = caches.make(cache_name, model, **options)
+    batched_logits(model, running, old, [6])
+    joining = caches.make(cache_name, model, **options)
+    batched_logits(model, joining, new, [13])
+    for a, b in zip(running, joining):
+        a.extend_rows(b)
+    rows = old + new
+    assert running[0].rows == 4
+    for n in range(8):  # teacher-forced: a random next token per row
+        if n == 4:  # later, shorter prompts join (they get the padding this time)
+            late = [[rng.randrange(40) for _ in range(k)] for k in (3, 1)]
+            joining = caches.make(cache_name, model, **options)
+            batched_logits(model, joining, late, [3])
+            for a, b in zip(running, joining):
+                a.extend_rows(b)
+            rows += late
+        step = [rng.randrange(40) for _ in rows]
+        out = model(mx.array(step, dtype=mx.int32)[:, None], running)
+        for r, t in zip(rows, step):
+            r.append(t)
+        for b, row in enumerate(rows):
+            alone = reference_logits(model, row, running[0].reference)[-1]
+            assert max_abs_diff(out[b, -1], alone) <= TOLERANCE, f"row {b} after joining"
+    assert running[0].rows == 6
+    with pytest.raises(ValueError, match="extend_rows needs"):
+        running[0].extend_rows(caches.make("concat" if cache_name != "concat" else "preallocated", model)[0])
