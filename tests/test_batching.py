@@ -374,3 +374,41 @@ def test_rows_joining_a_running_batch_continue_as_if_alone(cache_name, scheme):
     assert running[0].rows == 6
     with pytest.raises(ValueError, match="extend_rows needs"):
         running[0].extend_rows(caches.make("concat" if cache_name != "concat" else "preallocated", model)[0])
+
+
+@pytest.mark.parametrize("cache_name", EXTENDABLE)
+def test_prompts_added_to_a_running_decoder_generate_what_they_generate_alone(cache_name):
+    """BatchDecoder.add while run() goes: the new prompts are prefilled apart, join at the next
+    step, and every row's greedy tokens are that prompt's alone (zoo.generate_step)."""
+    from zoo.batch import BatchDecoder
+
+    model = zoo.build("llama", seed=8, positional="rope", n_heads=4, n_kv_heads=2, head_dim=32, n_layers=2,
+                      d_model=32, vocab_size=48, d_ff=32, max_positions=64, init_std=0.3)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(48) for _ in range(n)] for n in (5, 2, 17, 1, 9)]
+    limits = [6, 3, 5, 4, 7]
+    options = caches.examples(cache_name, head_dim=32, seq_len=32)[0]
+    decoder = BatchDecoder(model, prompts[:2], cache=cache_name, cache_options=options)
+    got = {r: [] for r in range(len(prompts))}
+    for n, (row, token, _) in enumerate(decoder.run(limits[:2])):
+        got[row].append(token)
+        if n == 2:  # while the first two decode: a longer and a shorter prompt join
+            assert decoder.add(prompts[2:4], max_tokens=limits[2:4]) == [2, 3]
+        if row == 1 and len(got[1]) == limits[1]:  # row 1 is done: another one takes its place
+            decoder.add([prompts[4]], max_tokens=limits[4])
+    for r, prompt in enumerate(prompts):
+        alone = [t for t, _ in zoo.generate_step(model, prompt, cache=cache_name, cache_options=options,
+                                                 max_tokens=limits[r])]
+        assert got[r] == alone, f"row {r}"
+
+
+def test_adding_prompts_is_refused_for_a_cache_that_cannot_take_rows():
+    from zoo.batch import BatchDecoder
+
+    model = zoo.build("llama", preset="tiny", seed=0)
+    decoder = BatchDecoder(model, [[1, 2, 3], [4]], cache="rotating", cache_options=dict(max_size=8, keep=2))
+    with pytest.raises(ValueError, match="cannot take rows into a running batch"):
+        decoder.add([[5, 6]])
+    listed = BatchDecoder(model, [[1, 2]], cache=caches.make("concat", model))
+    with pytest.raises(ValueError, match="cache given by name"):
+        listed.add([[5, 6]])

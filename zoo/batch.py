@@ -61,6 +61,9 @@ class BatchDecoder:
     history [N] and logits [1, V].
     vocab_size: the tokenizer's vocabulary where the embedding is padded past it.
     pad_token: the id written into padding slots (never attended: any id gives the same output).
+
+    `add(prompts, ...)` queues more prompts while `run` is going (continuous batching): they are
+    prefilled on their own and join the running batch (`Cache.extend_rows`) at the next step.
     """
 
     def __init__(
@@ -88,54 +91,82 @@ class BatchDecoder:
         if not isinstance(pad_token, int) or not 0 <= pad_token < model_vocab:
             raise ValueError(f"pad_token must be a token id in [0, {model_vocab}), got {pad_token!r}")
         self.model = model
-        self.prompts = [prompt_array(model, p) for p in prompts]  # each validated, int32 [L]
-        n = len(self.prompts)
-        self.lengths = [p.size for p in self.prompts]
-        width = max(self.lengths)
-        self.padding = [width - length for length in self.lengths]
+        self.prefill_step = prefill_step
+        self.pad_token = pad_token
+        self.cache_spec = (cache, cache_options) if cache is None or isinstance(cache, str) else None
+        prompts = [prompt_array(model, p) for p in prompts]  # each validated, int32 [L]
         self.caches: list[Cache] = make_cache(model, cache, cache_options)
         held = [c.offset for c in self.caches if c.offset or c.rows is not None]
         if held:
             raise ValueError("batched generation starts from empty caches (these already hold tokens)")
+        width = max(p.size for p in prompts)
+        self.padding = [width - p.size for p in prompts]  # the first batch's left padding
         for c in self.caches:
             c.prepare_rows(self.padding)  # refuses a cache that cannot serve ragged rows
-        self.prefill_step = prefill_step
-        self.pad_token = pad_token
-        if samplers is None or callable(samplers):
-            self.shared_sampler: Optional[Sampler] = samplers or greedy_sample
-            self.samplers = [self.shared_sampler] * n
-        else:
-            self.samplers = _per_row(samplers, n, "samplers")
-            same = all(s is self.samplers[0] for s in self.samplers)
-            self.shared_sampler = self.samplers[0] if same else None
-        processors = list(logits_processors or [])
-        if processors and all(isinstance(p, (list, tuple)) for p in processors):
-            self.processors = [list(p) for p in _per_row(processors, n, "logits_processors")]
-        else:
-            self.processors = [processors] * n
-        self.history = [p for p in self.prompts]  # each row's own tokens, for its processors
+        self.prompts: list[mx.array] = []
+        self.lengths: list[int] = []
+        self.samplers: list[Sampler] = []
+        self.processors: list[list] = []
+        self.history: list[mx.array] = []  # each row's own tokens, for its processors
+        self.limits: list[int] = []
+        self.counts: list[int] = []
+        self.shared_sampler: Optional[Sampler] = None
+        self._register(prompts, samplers, logits_processors, None)
         self.vocab_mask = None
         if vocab_size is not None and vocab_size < model_vocab:
             self.vocab_mask = mx.where(mx.arange(model_vocab) < vocab_size, 0.0, -float("inf"))
-        self.rows = list(range(n))  # cache row i holds prompt self.rows[i]
+        self.rows = list(range(len(prompts)))  # cache row i holds prompt self.rows[i]
         self.finished: set[int] = set()
         self.can_select = True
+        self._queue: list[int] = []  # prompts added, waiting to join
+
+    def _register(self, prompts: list[mx.array], samplers: Any, logits_processors: Any,
+                  max_tokens: Any) -> list[int]:
+        """Give `prompts` row ids and their per-row sampling state."""
+        n, first = len(prompts), len(self.prompts)
+        if samplers is None or callable(samplers):
+            row_samplers = [samplers or greedy_sample] * n
+        else:
+            row_samplers = _per_row(samplers, n, "samplers")
+        everyone = self.samplers + row_samplers
+        self.shared_sampler = everyone[0] if all(s is everyone[0] for s in everyone) else None
+        processors = list(logits_processors or [])
+        if processors and all(isinstance(p, (list, tuple)) for p in processors):
+            row_processors = [list(p) for p in _per_row(processors, n, "logits_processors")]
+        else:
+            row_processors = [processors] * n
+        limits = _per_row(max_tokens, n, "max_tokens") if max_tokens is not None else [None] * n
+        for m in limits:
+            if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
+                raise ValueError(f"max_tokens must be ints >= 0, got {m!r}")
+        self.prompts += prompts
+        self.lengths += [p.size for p in prompts]
+        self.samplers += row_samplers
+        self.processors += row_processors
+        self.history += list(prompts)
+        self.limits += limits
+        self.counts += [0] * n
+        return list(range(first, first + n))
 
     # -- the steps -------------------------------------------------------------------------
 
-    def prefill(self) -> mx.array:
-        """Run all but each row's last prompt token through the caches; return the last
-        tokens int32 [B] (left padding aligns them in the last column)."""
-        width = max(self.lengths)
-        padded = mx.array([[self.pad_token] * pad + p.tolist() for pad, p in zip(self.padding, self.prompts)],
+    def _prefill(self, caches: list[Cache], prompts: list[mx.array], padding: list[int]) -> mx.array:
+        """Run all but each row's last prompt token through `caches`; return the last tokens
+        int32 [B] (left padding aligns them in the last column)."""
+        width = max(p.size for p in prompts)
+        padded = mx.array([[self.pad_token] * pad + p.tolist() for pad, p in zip(padding, prompts)],
                           dtype=mx.int32)  # [B, width]
         start = 0
         while width - start > 1:
             n = min(self.prefill_step, width - 1 - start)
-            self.model(padded[:, start : start + n], self.caches, check_tokens=False)
-            mx.eval([c.state for c in self.caches])
+            self.model(padded[:, start : start + n], caches, check_tokens=False)
+            mx.eval([c.state for c in caches])
             start += n
         return padded[:, -1]
+
+    def prefill(self) -> mx.array:
+        """Prefill the first batch (all but each row's last token); its last tokens [B]."""
+        return self._prefill(self.caches, [self.prompts[r] for r in self.rows], self.padding)
 
     def step(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """Feed one token per cache row (int32 [B']); return the sampled tokens [B'] and the
@@ -166,6 +197,55 @@ class BatchDecoder:
         """End prompt `row` (its index in the prompts): it is no longer sampled or yielded."""
         self.finished.add(row)
 
+    def add(self, prompts: Sequence[Any], *, max_tokens: Union[int, Sequence[int]] = 256,
+            samplers: Union[Sampler, Sequence[Sampler], None] = None,
+            logits_processors: Optional[Sequence[Any]] = None) -> list[int]:
+        """Queue more prompts to join the running batch at the next step (continuous batching);
+        returns their row ids. Each is prefilled on its own and then decodes exactly as it would
+        alone. Needs the cache given by name and a strategy with `_extend_rows`."""
+        if self.cache_spec is None:
+            raise ValueError("adding prompts to a running batch needs the cache given by name (it builds "
+                             "caches for them), not a list of caches")
+        if type(self.caches[0])._extend_rows is Cache._extend_rows:
+            raise ValueError(f"cache {type(self.caches[0]).name or type(self.caches[0]).__name__!r} cannot "
+                             f"take rows into a running batch (no _extend_rows); run the prompts as "
+                             f"another batch")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("add needs a non-empty list of prompts (token id lists)")
+        arrays = [prompt_array(self.model, p) for p in prompts]
+        ids = self._register(arrays, samplers, logits_processors, max_tokens)
+        self._queue += ids
+        return ids
+
+    def _admit(self, pending: Optional[list[mx.array]]) -> tuple[Optional[list[mx.array]], set[int]]:
+        """Prefill the queued prompts in caches of their own and join them to the batch; return
+        the pending (tokens, logprobs) with their rows appended (their last prompt tokens, to be
+        fed next, and placeholder log-probabilities) and the joined rows."""
+        ids, self._queue = self._queue, []
+        for r in ids:
+            if self.limits[r] == 0:
+                self.finish(r)
+        ids = [r for r in ids if r not in self.finished]
+        if not ids:
+            return pending, set()
+        prompts = [self.prompts[r] for r in ids]
+        width = max(p.size for p in prompts)
+        padding = [width - p.size for p in prompts]
+        cache, options = self.cache_spec
+        joining = make_cache(self.model, cache, options)
+        for c in joining:
+            c.prepare_rows(padding)
+        last = self._prefill(joining, prompts, padding)
+        placeholder = mx.zeros((len(ids), self.model.config.vocab_size), dtype=mx.float32)
+        if pending is None or all(r in self.finished for r in self.rows):  # nothing left running
+            self.caches, self.rows = joining, ids
+            return [last, placeholder], set(ids)
+        for c, new in zip(self.caches, joining):
+            c.extend_rows(new)
+        self.rows = self.rows + ids
+        tokens, logprobs = pending
+        return [mx.concatenate([tokens, last]), mx.concatenate([logprobs, placeholder.astype(logprobs.dtype)])], set(ids)
+
     def _drop_finished(self, pending: list[mx.array]) -> list[mx.array]:
         """Drop finished rows from the caches and from `pending` (arrays with a row axis)."""
         keep = [i for i, r in enumerate(self.rows) if r not in self.finished]
@@ -183,44 +263,50 @@ class BatchDecoder:
 
     def run(self, max_tokens: Union[int, Sequence[int]] = 256) -> Iterator[tuple[int, int, mx.array]]:
         """Yield (row, token, logprobs [V]) for every generated token, in step order, row
-        order within a step. `max_tokens`: for every row, or one per row."""
-        limits = _per_row(max_tokens, len(self.prompts), "max_tokens")
-        for m in limits:
+        order within a step. `max_tokens`: for every first-batch row, or one per row (rows
+        `add`ed later bring their own)."""
+        first = [r for r in self.rows]
+        for r, m in zip(first, _per_row(max_tokens, len(first), "max_tokens")):
             if not isinstance(m, int) or isinstance(m, bool) or m < 0:
                 raise ValueError(f"max_tokens must be ints >= 0, got {m!r}")
-        counts = [0] * len(self.prompts)
-        for r, m in enumerate(limits):
+            self.limits[r] = m
             if m == 0:
                 self.finish(r)
         token = self.prefill()
-        if len(self.finished) == len(self.prompts):
-            return
-        token, logprobs = self._drop_finished([token])[0], None
-        token, logprobs = self.step(token)
-        mx.async_eval(token, logprobs)
-        while True:
+        pending: Optional[list[mx.array]] = None
+        fresh: set[int] = set()  # rows whose pending token is their prompt's last: fed, not yielded
+        if len(self.finished) < len(first):
+            token = self._drop_finished([token])[0]
+            pending = list(self.step(token))
+            mx.async_eval(*pending)
+        if self._queue:
+            pending, fresh = self._admit(pending)
+        while pending is not None:
+            token, logprobs = pending
             active = [r for r in self.rows if r not in self.finished]
-            more = any(counts[r] + 1 < limits[r] for r in active)
-            cannot_continue = None
+            more = any(r in fresh or self.counts[r] + 1 < self.limits[r] for r in active)
+            cannot_continue, pending = None, None
             if more:
                 try:
-                    next_token, next_logprobs = self.step(token)  # built while `token` evaluates
-                    mx.async_eval(next_token, next_logprobs)
+                    pending = list(self.step(token))  # built while `token` evaluates
+                    mx.async_eval(*pending)
                 except ValueError as error:  # e.g. past a learned position table
-                    cannot_continue, more = error, False
+                    cannot_continue = error
             values = token.tolist()
             for i, r in enumerate(list(self.rows)):
-                if r in self.finished:
+                if r in self.finished or r in fresh:
                     continue
-                counts[r] += 1
-                if counts[r] >= limits[r]:
+                self.counts[r] += 1
+                if self.counts[r] >= self.limits[r]:
                     self.finish(r)
                 yield r, values[i], logprobs[i]
             if cannot_continue is not None:
                 raise cannot_continue
-            if not more or len(self.finished) == len(self.prompts):
-                return
-            token, logprobs = self._drop_finished([next_token, next_logprobs])
+            fresh = set()
+            if pending is not None:
+                pending = self._drop_finished(pending)
+            if self._queue:
+                pending, fresh = self._admit(pending)
 
     # -- what it holds ---------------------------------------------------------------------
 
@@ -245,6 +331,6 @@ def batch_generate_step(model: CausalLM, prompts: Sequence[Any], *, max_tokens: 
     for row, token, logprobs in decoder.run(max_tokens):
         step.append(token)
         rows.append(logprobs)
-        if row == len(decoder.prompts) - 1:
+        if row == len(decoder.prompts) - 1:  # every row runs max_tokens steps: rows stay in order
             yield step, mx.stack(rows)
             step, rows = [], []
