@@ -95,11 +95,25 @@ def test_finished_rows_leave_the_caches(loaded):
     assert decoder.rows == [1, 3]
 
 
-def test_batch_size_runs_groups_and_the_same_replies(loaded):
+def test_batch_size_joins_prompts_as_rows_end_or_runs_groups_with_the_same_replies(loaded):
     model, tokenizer = loaded
     whole = zoo.batch_generate(model, tokenizer, PROMPTS, max_tokens=[5, 6, 7, 8])
-    grouped = zoo.batch_generate(model, tokenizer, PROMPTS, max_tokens=[5, 6, 7, 8], batch_size=3)
-    assert grouped.texts == whole.texts and len(grouped.groups) == 2
+    # preallocated: continuous batching (a prompt joins as a row ends); rotating: groups of 3
+    joined = zoo.batch_generate(model, tokenizer, PROMPTS, max_tokens=[5, 6, 7, 8], batch_size=2, temp=1.0,
+                                seed=[1, 2, 3, 4])
+    grouped = zoo.batch_generate(model, tokenizer, PROMPTS, max_tokens=[5, 6, 7, 8], batch_size=3,
+                                 cache="rotating", cache_options=dict(max_size=12, keep=2))
+    assert grouped.texts == [alone(model, tokenizer, p, max_tokens=m, cache="rotating",
+                                   cache_options=dict(max_size=12, keep=2)) for p, m in zip(PROMPTS, [5, 6, 7, 8])]
+    assert joined.texts == [alone(model, tokenizer, p, max_tokens=m, temp=1.0, seed=s)
+                            for p, m, s in zip(PROMPTS, [5, 6, 7, 8], [1, 2, 3, 4])]
+    assert joined.texts[0] != whole.texts[0] or joined.texts[1] != whole.texts[1]  # it sampled
+    # Continuous: prompt 2 starts once row 0 ends, while row 1 still runs (groups would wait).
+    events = [row for row, _ in zoo.batch_stream(model, tokenizer, PROMPTS, max_tokens=[3, 12, 7, 8], batch_size=2)]
+    assert events.index(2) < len(events) - 1 - events[::-1].index(1)
+    grouped_events = [row for row, _ in zoo.batch_stream(model, tokenizer, PROMPTS, max_tokens=[3, 12, 7, 8],
+                                                         batch_size=2, cache="rotating")]
+    assert grouped_events.index(2) > len(grouped_events) - 1 - grouped_events[::-1].index(1)
     with pytest.raises(ValueError, match="one per prompt"):
         zoo.batch_generate(model, tokenizer, PROMPTS, max_tokens=[5, 6])
     with pytest.raises(ValueError, match="batch_size"):

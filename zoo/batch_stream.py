@@ -17,12 +17,13 @@ seed in every row unless a list is given), so a row draws what it draws alone.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
 import sampling
+from caches import Cache
 from sampling import LogitsProcessor, Sampler
 
 from .batch import BatchDecoder, _per_row
@@ -48,11 +49,12 @@ class RowStats:
 class BatchResult:
     """What `batch_generate` returns: one text and token list per prompt, in prompt order.
 
-    prompt_tps / generation_tps: aggregate tokens per second over the batch (real prompt tokens,
-    padding not counted). cache_bytes: what the caches held after prefill, all rows;
-    cache_bytes_per_row: that over the rows; padding_slots / padding_overhead: the slots of
-    left padding and their share of all slots after prefill. With `batch_size`, prompts run in
-    groups: the numbers are summed (bytes: the largest group's).
+    prompt_tps: the first batch's prompt tokens per second (padding not counted);
+    generation_tps: generated tokens per second over every row, from the first token on (prompts
+    that join later are prefilled inside that time). cache_bytes: what the caches held after
+    the first prefill, all rows (the most seen when rows joined later); cache_bytes_per_row:
+    that over the first batch's rows; padding_slots / padding_overhead: the first batch's left
+    padding slots and their share of its slots.
     """
 
     texts: list[str]
@@ -65,7 +67,6 @@ class BatchResult:
     padding_slots: int = 0
     padding_overhead: float = 0.0
     peak_memory: float = 0.0
-    groups: list[dict] = field(default_factory=list)
 
 
 class _RowText:
@@ -151,6 +152,7 @@ def batch_stream(
     stop: Union[str, Sequence[str], None] = None,
     prefill_step: int = 512,
     add_bos: Optional[bool] = None,
+    batch_size: Optional[int] = None,
     result: Optional[BatchResult] = None,
 ) -> Iterator[tuple[int, GenerationResponse]]:
     """Generate a reply to every prompt at once, yielding (row, GenerationResponse) per token.
@@ -159,12 +161,16 @@ def batch_stream(
     its last response has `finish_reason` set, and it then yields nothing more. Sampling
     options (temp, top_p, top_k, min_p, seed, repetition_penalty, repetition_context_size,
     logit_bias, max_tokens) are one value for every row or a list of one per prompt; `sampler`
-    one sampler or one per row. `stop` and `logits_processors` apply to every row. A `result`
-    (BatchResult) is filled with the texts, tokens and statistics as the rows finish.
-    Options are checked before anything runs.
+    one sampler or one per row. `stop` and `logits_processors` apply to every row.
+    `batch_size`: at most this many rows decode together; as a row ends, the next prompt joins
+    the running batch (continuous batching, for caches with `extend_rows`; otherwise the prompts
+    run in groups of batch_size one after another). A `result` (BatchResult) is filled with
+    the texts, tokens and statistics as the rows finish. Options are checked before anything runs.
     """
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("batch_stream needs a non-empty list of prompts (text or token ids)")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size must be None (all at once) or an int >= 1, got {batch_size!r}")
     n = len(prompts)
     stops = _stop_strings(stop)
     samplers = _row_samplers(n, sampler, dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed))
@@ -173,51 +179,75 @@ def batch_stream(
     ids = [_encode(tokenizer, p, add_bos) for p in prompts]
     model_vocab = model.config.vocab_size
     vocab_size = tokenizer.vocab_size if tokenizer.vocab_size < model_vocab else None
-    decoder = BatchDecoder(model, ids, cache=cache, cache_options=cache_options, samplers=samplers,
-                           logits_processors=processors, prefill_step=prefill_step, vocab_size=vocab_size)
+    size = min(batch_size or n, n)
+
+    def rows_of(first: int, count: int) -> dict[str, Any]:
+        chosen = slice(first, first + count)
+        return dict(samplers=samplers[chosen] if isinstance(samplers, list) else samplers,
+                    logits_processors=processors[chosen])
+
+    def decoder_for(first: int) -> BatchDecoder:
+        return BatchDecoder(model, ids[first : first + size], cache=cache, cache_options=cache_options,
+                            prefill_step=prefill_step, vocab_size=vocab_size, **rows_of(first, size))
+
+    decoder = decoder_for(0)  # checks the cache and the prompts before anything runs
     texts = [_RowText(tokenizer, stops, any(tokenizer.token_bytes(int(t)) for t in p if 0 <= int(t) < tokenizer.vocab_size))
              for p in ids]
     result = result if result is not None else BatchResult([], [], [])
     result.texts[:] = [""] * n
     result.tokens[:] = [[] for _ in range(n)]
     result.stats[:] = [RowStats(len(p)) for p in ids]
-    return _events(decoder, texts, limits, result)
+    continuous = size < n and type(decoder.caches[0])._extend_rows is not Cache._extend_rows \
+        and decoder.cache_spec is not None
+    return _events(decoder, decoder_for, rows_of, ids, texts, limits, size, continuous, result)
 
 
-def _events(decoder: BatchDecoder, texts: list[_RowText], limits: list[int],
+def _events(decoder: BatchDecoder, decoder_for, rows_of, ids: list[list[int]], texts: list[_RowText],
+            limits: list[int], size: int, continuous: bool,
             result: BatchResult) -> Iterator[tuple[int, GenerationResponse]]:
+    n = len(ids)
     tic = time.perf_counter()
     start = None
-    n_prompt = sum(decoder.lengths)
     prompt_tps = 0.0
     generated = 0
-    for row, token, logprobs in decoder.run(limits):
-        if start is None:  # the first token: prefill is over
-            start = time.perf_counter()
-            prompt_tps = n_prompt / max(start - tic, 1e-9)
-            result.prompt_tps = prompt_tps
-            result.cache_bytes = decoder.cache_bytes()
-            result.cache_bytes_per_row = result.cache_bytes / len(decoder.prompts)
-            result.padding_slots = sum(decoder.padding)
-            result.padding_overhead = result.padding_slots / (len(decoder.prompts) * max(decoder.lengths))
-        stats = result.stats[row]
-        stats.generation_tokens += 1
-        generated += 1
-        text, finish = texts[row].add(token, stats.generation_tokens == limits[row])
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        if finish is not None:
-            decoder.finish(row)
-            stats.finish_reason = finish
-            stats.generation_tps = stats.generation_tokens / elapsed
-        result.texts[row] += text
-        result.tokens[row].append(token)
-        result.generation_tps = generated / elapsed
-        result.peak_memory = mx.get_peak_memory() / 1e9
-        yield row, GenerationResponse(
-            text=text, token=token, logprobs=logprobs, prompt_tokens=decoder.lengths[row],
-            prompt_tps=prompt_tps, generation_tokens=stats.generation_tokens,
-            generation_tps=stats.generation_tokens / elapsed, peak_memory=result.peak_memory,
-            finish_reason=finish)
+    base, waiting = 0, size  # the decoder's row 0 is prompt `base`; prompts from `waiting` on wait
+    while True:
+        for row, token, logprobs in decoder.run(limits[base : base + size]):
+            row += base
+            if start is None:  # the first token: the first batch's prefill is over
+                start = time.perf_counter()
+                prompt_tps = sum(decoder.lengths) / max(start - tic, 1e-9)
+                result.prompt_tps = prompt_tps
+                result.cache_bytes = decoder.cache_bytes()
+                result.cache_bytes_per_row = result.cache_bytes / len(decoder.prompts)
+                result.padding_slots = sum(decoder.padding)
+                result.padding_overhead = result.padding_slots / (len(decoder.padding) * max(decoder.lengths))
+            stats = result.stats[row]
+            stats.generation_tokens += 1
+            generated += 1
+            text, finish = texts[row].add(token, stats.generation_tokens == limits[row])
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            if finish is not None:
+                decoder.finish(row - base)
+                stats.finish_reason = finish
+                stats.generation_tps = stats.generation_tokens / elapsed
+                if continuous and waiting < n:  # the next prompt takes the row's place
+                    decoder.add([ids[waiting]], max_tokens=[limits[waiting]], **rows_of(waiting, 1))
+                    waiting += 1
+                    result.cache_bytes = max(result.cache_bytes, decoder.cache_bytes())
+            result.texts[row] += text
+            result.tokens[row].append(token)
+            result.generation_tps = generated / elapsed
+            result.peak_memory = mx.get_peak_memory() / 1e9
+            yield row, GenerationResponse(
+                text=text, token=token, logprobs=logprobs, prompt_tokens=len(ids[row]),
+                prompt_tps=prompt_tps, generation_tokens=stats.generation_tokens,
+                generation_tps=stats.generation_tokens / elapsed, peak_memory=result.peak_memory,
+                finish_reason=finish)
+        if continuous or waiting >= n:
+            break
+        base, waiting = waiting, waiting + size  # groups: the next batch_size prompts
+        decoder = decoder_for(base)
     for stats in result.stats:
         if stats.finish_reason is None:  # max_tokens 0
             stats.finish_reason = "length"
@@ -227,52 +257,15 @@ def batch_generate(
     model: CausalLM,
     tokenizer: Tokenizer,
     prompts: Sequence[Union[str, Sequence[int], mx.array]],
-    *,
-    batch_size: Optional[int] = None,
     **options: Any,
 ) -> BatchResult:
     """One reply per prompt, each equal to what that prompt gets alone, with per-row stats.
 
-    Takes the options of `batch_stream`. `batch_size`: at most this many prompts decode
-    together (groups run one after another); None: all of them at once.
+    Takes the options of `batch_stream` (`batch_size` included) except `result`.
     """
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("batch_generate needs a non-empty list of prompts (text or token ids)")
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"batch_size must be None (all at once) or an int >= 1, got {batch_size!r}")
     if "result" in options:
         raise TypeError("batch_generate returns its result; 'result' is batch_stream's option")
-    n = len(prompts)
-    size = batch_size or n
-    per_row = {"max_tokens", "sampler", "temp", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
-               "repetition_context_size", "logit_bias"}
-    for key in per_row & set(options):
-        _per_row(options[key], n, key)  # a list must have one entry per prompt, checked up front
-    total = BatchResult([], [], [])
-    prompt_time = decode_time = 0.0
-    generated = 0
-    for first in range(0, n, size):
-        group = slice(first, min(first + size, n))
-        group_options = {k: (v[group] if k in per_row and isinstance(v, (list, tuple)) else v)
-                         for k, v in options.items()}
-        part = BatchResult([], [], [])
-        for _ in batch_stream(model, tokenizer, list(prompts[group]), result=part, **group_options):
-            pass
-        total.texts += part.texts
-        total.tokens += part.tokens
-        total.stats += part.stats
-        prompt_time += sum(s.prompt_tokens for s in part.stats) / part.prompt_tps if part.prompt_tps else 0.0
-        tokens = sum(s.generation_tokens for s in part.stats)
-        generated += tokens
-        decode_time += tokens / part.generation_tps if part.generation_tps else 0.0
-        total.cache_bytes = max(total.cache_bytes, part.cache_bytes)
-        total.padding_slots += part.padding_slots
-        total.peak_memory = max(total.peak_memory, part.peak_memory)
-        total.groups.append(dict(rows=part.stats and len(part.stats), cache_bytes=part.cache_bytes,
-                                 cache_bytes_per_row=part.cache_bytes_per_row,
-                                 padding_overhead=part.padding_overhead))
-    total.prompt_tps = sum(s.prompt_tokens for s in total.stats) / prompt_time if prompt_time else 0.0
-    total.generation_tps = generated / decode_time if decode_time else 0.0
-    total.cache_bytes_per_row = max((g["cache_bytes_per_row"] for g in total.groups), default=0.0)
-    total.padding_overhead = max((g["padding_overhead"] for g in total.groups), default=0.0)
-    return total
+    result = BatchResult([], [], [])
+    for _ in batch_stream(model, tokenizer, prompts, result=result, **options):
+        pass
+    return result

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="one prompt per line, generated as a batch; prints one reply per line "
                               "in the file's order (inside a reply, newline written as \\n and backslash as \\\\)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="with --prompts-file: most prompts decoded together (default: all)")
+                        help="with --prompts-file: most prompts decoded together; as one ends the next joins "
+                             "(continuous batching; caches without extend_rows run groups) (default: all)")
     parser.add_argument("--max-tokens", type=int, default=100, help="most tokens to generate (default 100)")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
