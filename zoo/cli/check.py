@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     for line in skipped:
         print(f"not run: {line}")
     for row in rows:
-        for problem in ([row.report.problem] if row.report.problem else []) + row.report.storage:
+        for problem in ([row.report.problem] if row.report.problem else []) + row.report.storage + row.report.rows:
             print(f"{row.label} ({row.family}/{row.positional}/{row.layout}): {problem}")
     if any(r.report.exact_diff != r.report.max_abs_diff for r in rows):
         print("flips: stored values one quantization step from the oracle's rounding, each on a rounding "
