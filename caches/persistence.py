@@ -124,6 +124,8 @@ def load(path: Union[str, Path]) -> tuple[list[Cache], dict[str, str]]:
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: layer {i} ({d['cache']}) cannot be rebuilt: "
                              f"{type(error).__name__}: {error}") from None
+    for layer in layers:
+        layer.join(layers)
     user = {k: v for k, v in metadata.items() if not k.startswith(RESERVED)}
     return layers, user
 
