@@ -47,7 +47,8 @@ class H2OCache(EvictionCache):
     """At most `budget` keys per layer: the `recent` newest and the heaviest hitters (module
     docstring). Memory: 2 * B * n_kv_heads * min(offset, budget) * head_dim * itemsize bytes
     for keys and values, + 4 * budget (scores) + 4 * offset (the record) per layer. Not
-    trimmable: the accumulated scores hold the attention of the queries a trim would remove."""
+    trimmable once it has attended: the accumulated scores hold the attention of the queries a
+    trim would remove."""
 
     def __init__(self, budget: int = 256, recent: int = 32) -> None:
         super().__init__()
@@ -80,6 +81,18 @@ class H2OCache(EvictionCache):
             self._evict(keep)
             self.scores = self.scores[keep]
         return out
+
+    def _trim_refusal(self) -> Optional[str]:
+        if self.scores is not None:
+            return ("once it has attended: the accumulated attention scores hold the weights of "
+                    "the queries a trim would remove")
+        return None
+
+    def _trim(self, n):  # before any attention: nothing scored, nothing evicted
+        keep = self.size() - n
+        self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
+        self.positions = self.positions[:keep]
+        self.evicted_at = self.evicted_at[: self.offset - n]
 
     def _extra_state(self):
         return () if self.scores is None else (self.scores,)
