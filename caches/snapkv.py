@@ -73,7 +73,8 @@ class SnapKVCache(EvictionCache):
     def attend(self, queries, keys, values, *, scale: float, q_positions: mx.array,
                bias: Optional[Bias] = None) -> mx.array:
         """Compress first if decoding starts now; keep the queries until then; attend."""
-        if queries.shape[2] == 1 and self.compressed_at is None and self.size() > self.budget:
+        if (queries.shape[2] == 1 and self.compressed_at is None and self.size() > self.budget
+                and self.observed is not None):  # (no queries seen: filled by update_and_fetch)
             self._compress(scale, bias)
         out = super().attend(queries, keys, values, scale=scale, q_positions=q_positions, bias=bias)
         if self.compressed_at is None:
