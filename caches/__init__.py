@@ -25,7 +25,7 @@ from .registry import Conformance, available, examples, exact_for, get, make, op
 from .persistence import load, save
 
 # Built-in strategies register themselves on import.
-from . import concat, h2o, preallocated, quantized, rotating, snapkv, streaming  # noqa: E402,F401
+from . import concat, h2o, kivi, preallocated, quantized, rotating, snapkv, streaming  # noqa: E402,F401
 from .quantized import QuantizedReference  # noqa: E402
 from .rotating import WindowReference  # noqa: E402
 
