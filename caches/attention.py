@@ -122,18 +122,12 @@ def masked_softmax(scores: mx.array, mask: mx.array, additive: Optional[mx.array
 Rotate = Callable[[mx.array, mx.array], mx.array]  # (x [..., L, D], contiguous positions [L]) -> x rotated
 
 
-def rotate_at(rotate: Optional[Rotate], x: mx.array, positions: list[int]) -> mx.array:
-    """x [B, H, L, D] rotated at arbitrary `positions` (length L): one call per run of
-    consecutive positions."""
-    if rotate is None:
-        return x
-    pieces, start = [], 0
-    for i in range(1, len(positions) + 1):
-        if i == len(positions) or positions[i] != positions[i - 1] + 1:
-            run = mx.arange(positions[start], positions[start] + i - start, dtype=mx.int32)
-            pieces.append(rotate(x[..., start:i, :], run))
-            start = i
-    return mx.concatenate(pieces, axis=-2) if len(pieces) > 1 else pieces[0]
+def rotation_matrices(rotate: Rotate, head_dim: int, n: int) -> mx.array:
+    """The scheme's rotation at positions 0..n-1 as matrices [n, D, D] (M[p] @ x = x rotated
+    at p): the identity's rows rotated as sequences, one rope call (rotation is linear)."""
+    basis = mx.broadcast_to(mx.eye(head_dim)[:, None, :], (head_dim, n, head_dim))  # [D (j), n, D]
+    rotated = rotate(basis, mx.arange(n, dtype=mx.int32))  # [j, p, i] = M[p][i, j]
+    return rotated.transpose(1, 2, 0)  # [p, i, j]
 
 
 def repositioned_attention(
@@ -148,28 +142,30 @@ def repositioned_attention(
     bias: Optional[Bias] = None,
 ) -> mx.array:
     """The uncached oracle for a reference that assigns positions (`positions_as_seen`), over
-    queries and keys not yet rotated: each query, one at a time, at the position the reference
-    gives it, attends to the keys it sees at the positions they have for it. Slow and plain on
-    purpose: the cache it checks computes the same thing another way."""
-    Lq, Lk = queries.shape[2], keys.shape[2]
+    queries and keys not yet rotated: every query at the position the reference gives it, every
+    key at the position it has for that query. Written plainly (a rotated copy of the keys per
+    query, from the scheme's own rotation as matrices; the bias with the queries as rows): the
+    cache it checks computes the same thing another way."""
+    B, Hq, Lq, D = queries.shape
+    Hkv, Lk = keys.shape[1], keys.shape[2]
     k_positions = mx.arange(Lk, dtype=mx.int32)
     visible = reference.mask(q_positions, k_positions)  # [Lq, Lk]
     q_seen, k_seen = reference.positions_as_seen(q_positions, k_positions)  # [Lq], [Lq, Lk]
-    visible, q_seen, k_seen = visible.tolist(), q_seen.tolist(), k_seen.tolist()
-    outs = []
-    for i in range(Lq):
-        index = [j for j in range(Lk) if visible[i][j]]
-        seen = [k_seen[i][j] for j in index]
-        take = mx.array(index, dtype=mx.int32)
-        k = rotate_at(rotate, keys[:, :, take], seen)
-        q = rotate_at(rotate, queries[:, :, i : i + 1], [q_seen[i]])
-        additive = None
-        if bias is not None:
-            additive = bias(mx.array([q_seen[i]], dtype=mx.int32), mx.array(seen, dtype=mx.int32))
-        outs.append(mx.fast.scaled_dot_product_attention(
-            q, k, values[:, :, take], scale=scale,
-            mask=None if additive is None else additive.astype(q.dtype)))
-    return mx.concatenate(outs, axis=2)
+    k_seen = mx.where(visible, k_seen, 0)  # hidden keys: any position, never read
+    q = queries.reshape(B, Hkv, Hq // Hkv, Lq, D)  # [B, Hkv, n_rep, Lq, D]
+    k = mx.broadcast_to(keys[:, :, None], (B, Hkv, Lq, Lk, D))  # one copy of the keys per query
+    if rotate is not None:
+        M = rotation_matrices(rotate, D, int(mx.maximum(q_seen.max(), k_seen.max()).item()) + 1)
+        q = mx.einsum("pij,bgrpj->bgrpi", M[q_seen], q)
+        k = mx.einsum("pkij,bgpkj->bgpki", M[k_seen], k)
+    scores = mx.einsum("bgrpd,bgpkd->bgrpk", q * scale, k).reshape(B, Hq, Lq, Lk)
+    additive = None
+    if bias is not None:  # queries as rows: bias([Lq, 1], [Lq, Lk]) -> [Lq, H | 1, 1, Lk]
+        rows = bias(q_seen[:, None], k_seen)
+        if rows is not None:
+            additive = rows[:, :, 0, :].transpose(1, 0, 2)  # [H | 1, Lq, Lk]
+    weights = masked_softmax(scores, visible, additive)
+    return grouped_values(weights.astype(values.dtype), values)
 
 
 def mixed_attention(
