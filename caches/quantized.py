@@ -231,7 +231,9 @@ class QuantizedCache(Cache):
         if self.narrow:
             keys = self._dequantize(q_keys, self.key_bits).astype(queries.dtype)
             values = self._dequantize(q_values, self.value_bits).astype(queries.dtype)
-            in_order = self.keys_in_order  # positions 0..offset-1: MLX's causal fast path
+            # positions 0..offset-1 in order: MLX's causal fast path; ragged rows (padding):
+            # each row's own positions, padding hidden (as Cache.attend does for every cache)
+            in_order = self.keys_in_order and self.padding is None
             return scaled_dot_product_attention(
                 queries, keys, values, scale=scale, q_positions=q_positions,
                 k_positions=None if in_order else self.fetched_positions(),

@@ -91,7 +91,7 @@ def main() -> None:
         plugins.load(spec)
     group = mx.distributed.init(backend="ring", strict=True)
     rank = group.rank()
-    arrays, report = {}, {"size": group.size(), "scenarios": []}
+    arrays, report = {}, {"size": group.size(), "scenarios": [], "refused": []}
     started = time.perf_counter()
     models: dict = {}
     for key, family, overrides, cache_name, options in scenarios():
@@ -100,7 +100,11 @@ def main() -> None:
             models = {label: (build(family, overrides) if rank == 0 else None,
                               zoo.shard(build(family, overrides), group))}
         full, shard = models[label]
-        logits, tokens, nbytes = run(shard, cache_name, options)
+        try:
+            logits, tokens, nbytes = run(shard, cache_name, options)
+        except caches.Unsupported as refusal:  # refused by design (streaming + learned positions)
+            report["refused"].append(dict(key=key, reason=str(refusal)))
+            continue
         entry = dict(key=key, tokens=tokens, cache_bytes=nbytes, kv_heads=shard.distributed.n_kv_heads,
                      n_kv_heads=shard.config.n_kv_heads)
         arrays[key + "|dist"] = logits
