@@ -266,6 +266,14 @@ def _value(metadata: dict[str, Any], key: str, default: Any = None, *, required:
     return value.item() if isinstance(value, mx.array) and value.ndim == 0 else value
 
 
+def _positive(metadata: dict[str, Any], key: str, default: Any = None, *, required: bool = False) -> float:
+    """A metadata number that must be finite and > 0 (an epsilon, a RoPE base or factor)."""
+    value = _value(metadata, key, default, required=required)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"GGUF metadata {key!r} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> ModelConfig:
     """The ModelConfig of a llama-architecture GGUF model (RoPE in llama.cpp's pairing)."""
     arch = _value(metadata, "general.architecture", required=True)
@@ -291,7 +299,7 @@ def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> 
     rope_scale = 1.0
     scaling = _value(metadata, p + "rope.scaling.type", "none")
     if scaling == "linear":
-        rope_scale = 1.0 / float(_value(metadata, p + "rope.scaling.factor", required=True))
+        rope_scale = 1.0 / _positive(metadata, p + "rope.scaling.factor", required=True)
     elif scaling != "none":
         raise ValueError(f"GGUF rope.scaling.type {scaling!r} is not supported (supported: none, linear)")
     if "token_embd.weight" not in weights:
@@ -318,10 +326,10 @@ def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> 
         d_ff=int(_value(metadata, p + "feed_forward_length", required=True)),
         positional="rope",
         max_positions=int(_value(metadata, p + "context_length", 2048)),
-        rope_base=float(_value(metadata, p + "rope.freq_base", 10000.0)),
+        rope_base=_positive(metadata, p + "rope.freq_base", 10000.0),
         rope_traditional=True,
         rope_scale=rope_scale,
-        norm_eps=float(_value(metadata, p + "attention.layer_norm_rms_epsilon", required=True)),
+        norm_eps=_positive(metadata, p + "attention.layer_norm_rms_epsilon", required=True),
         tie_embeddings=tied,
         norm="rmsnorm",
         activation="silu",
