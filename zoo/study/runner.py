@@ -166,7 +166,10 @@ def _baseline_spec(model: Any, baseline: Optional[CacheSpec]) -> CacheSpec:
 
 
 def _conformance(model: Any, spec: CacheSpec, tokens: list[int], seq_len: int) -> dict[str, Any]:
-    report = conformance.check(model, lambda: spec.make(model), tokens, chunks=_uneven(len(tokens)), decode=8)
+    from ..cli.check import uneven_chunks
+
+    report = conformance.check(model, lambda: spec.make(model), tokens, chunks=uneven_chunks(len(tokens)),
+                               decode=8)
     return {
         "ok": report.ok,
         "max_abs_diff": report.exact_diff,
@@ -187,17 +190,6 @@ def _guarded(stage: Any) -> dict[str, Any]:
         return stage()
     except (ValueError, TypeError, NotImplementedError) as error:
         return {"error": f"{type(error).__name__}: {error}"}
-
-
-def _uneven(n: int) -> list[int]:
-    sizes, left, i = [], n, 0
-    for size in iter(lambda: (5, 1, 11, 7)[i % 4], None):
-        if left <= 0:
-            break
-        sizes.append(min(size, left))
-        left -= sizes[-1]
-        i += 1
-    return sizes
 
 
 def study_model(path: str, content: str, specs: list[CacheSpec], settings: Settings,
