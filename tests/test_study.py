@@ -352,3 +352,32 @@ def test_perplexity_in_decode_mode_through_an_exact_cache_is_the_uncached_models
     model, _ = loaded
     nll = token_nll(model, tokens[:120], caches.make("preallocated", model), chunk=32, prefill=70)
     np.testing.assert_allclose(nll, uncached_nll(model, tokens[:120]), atol=2e-4)
+
+
+class _Predictor:
+    """A stand-in model that knows the sequence: at each position its logits peak (by `margin`)
+    on the token that follows in `sequence`; margin 0 is the uniform distribution."""
+
+    def __init__(self, sequence, vocab, margin):
+        self.sequence, self.vocab, self.margin, self.offset = sequence, vocab, margin, 0
+
+    def __call__(self, tokens, cache, check_tokens=True):
+        L = tokens.shape[1]
+        nxt = self.sequence[self.offset + 1 : self.offset + L + 1]
+        self.offset += L
+        logits = np.zeros((1, L, self.vocab), dtype=np.float32)
+        logits[0, np.arange(L), nxt] = self.margin
+        return mx.array(logits)
+
+
+def test_needle_scoring_counts_a_perfect_reader_and_not_a_uniform_one():
+    from zoo.study.needle import score
+
+    tokenizer = tokenizers()["stories260K"]
+    needle = make_needle(tokenizer, 240, 0.5, "73914")
+    sequence = needle.tokens + needle.answer
+    perfect = score(_Predictor(sequence, 512, 30.0), [], needle, chunk=50)
+    assert perfect["retrieved"] and perfect["answer_logprob"] > -1e-6
+    uniform = score(_Predictor(sequence, 512, 0.0), [], needle, chunk=50)
+    assert not uniform["retrieved"]  # ties: argmax is token 0, never a digit here
+    assert uniform["answer_logprob"] == pytest.approx(-np.log(512), abs=1e-5)
