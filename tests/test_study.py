@@ -381,3 +381,14 @@ def test_needle_scoring_counts_a_perfect_reader_and_not_a_uniform_one():
     uniform = score(_Predictor(sequence, 512, 0.0), [], needle, chunk=50)
     assert not uniform["retrieved"]  # ties: argmax is token 0, never a digit here
     assert uniform["answer_logprob"] == pytest.approx(-np.log(512), abs=1e-5)
+
+
+def test_an_approximate_baseline_is_named_in_the_notes(loaded, tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text(require_asset(TEXT).read_text(encoding="utf-8")[:600], encoding="utf-8")
+    settings = zoo.study.Settings.quick(needle=False, cost=False, baseline="rotating:max_size=16:keep=0")
+    result = zoo.study([str(require_asset("stories260K/stories260K.gguf"))], text, ["concat"],
+                       settings=settings, progress=False)
+    (note,) = result["models"][0]["notes"]
+    assert "baseline rotating:max_size=16:keep=0 is not exact" in note
+    assert result["models"][0]["runs"][0]["quality"]["kl_mean"] > 0  # concat against a window

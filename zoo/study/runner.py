@@ -210,6 +210,10 @@ def study_model(path: str, content: str, specs: list[CacheSpec], settings: Setti
                      f"positions end there")
         tokens = tokens[:limit]
     base = _baseline_spec(model, baseline)
+    base_exact = caches.exact_for(base.name, seq_len=len(tokens), **base.options)
+    if not base_exact and base != _baseline_spec(model, None):  # the default is the model's own
+        notes.append(f"baseline {base.label} is not exact against the true model over {len(tokens)} "
+                     f"tokens: KL and delta perplexity are against it, not against the model")
     jobs = [_Job(spec, spec.label) for spec in specs]
     for job in jobs:  # the cache must be able to serve this model
         try:
