@@ -392,3 +392,17 @@ def test_an_approximate_baseline_is_named_in_the_notes(loaded, tmp_path):
     (note,) = result["models"][0]["notes"]
     assert "baseline rotating:max_size=16:keep=0 is not exact" in note
     assert result["models"][0]["runs"][0]["quality"]["kl_mean"] > 0  # concat against a window
+
+
+@pytest.mark.parametrize("cache, options", [("concat", {}), ("rotating", {"max_size": 64, "keep": 4})])
+def test_needles_scored_as_rows_of_one_batch_are_scored_as_alone(loaded, cache, options):
+    from zoo.study.needle import score, score_batch
+
+    model, tokenizer = loaded
+    needles = [make_needle(tokenizer, 240, depth, key) for depth, key in ((0.0, "73914"), (0.5, "20518"), (1.0, "99999"))]
+    together = score_batch(model, caches.make(cache, model, **options), needles, chunk=50)
+    alone = [score(model, caches.make(cache, model, **options), n, chunk=50) for n in needles]
+    for a, b in zip(together, alone):
+        assert a["retrieved"] == b["retrieved"]
+        assert a["answer_logprob"] == pytest.approx(b["answer_logprob"], abs=1e-4)
+    assert len({round(r["answer_logprob"], 3) for r in alone}) == 3  # the rows really differ
