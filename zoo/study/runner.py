@@ -176,7 +176,8 @@ def _conformance(model: Any, spec: CacheSpec, tokens: list[int], seq_len: int) -
         "tolerance": report.tolerance,
         "greedy_agree": f"{report.greedy_agree}/{report.greedy_steps}",
         "rounding_flips": report.rounding_flips,
-        "problem": report.problem or ("; ".join(report.storage) or None),
+        "problem": "; ".join(([report.problem] if report.problem else []) + list(report.storage)
+                             + list(getattr(report, "rows", []))) or None,
         "prompt_tokens": len(tokens),
         "exact_vs_true_model_over_text": caches.exact_for(spec.name, seq_len=seq_len, **spec.options),
         "reference": repr(caches.reference_of(spec.name, **spec.options)),
