@@ -17,7 +17,7 @@ import pytest
 
 import caches
 import zoo
-from tests.helpers.assets import require_asset
+from helpers.assets import require_asset
 from zoo.study.compare import compare, summarize
 from zoo.study.needle import NEEDLE, make_needle
 from zoo.study.perplexity import perplexity, token_nll, windows
@@ -91,7 +91,7 @@ def test_an_empty_spec_in_a_list_is_refused():
 
 def test_a_newly_registered_cache_is_studied_with_no_edit(registered, loaded, tokens):
     """The study reads only the registry: a user's cache is parsed, built and compared."""
-    from tests.helpers.user_caches import NewestFirstCache
+    from helpers.user_caches import NewestFirstCache
 
     registered("test-newest-first", NewestFirstCache)
     model, _ = loaded
@@ -321,7 +321,7 @@ def test_zoo_study_is_callable_and_its_modules_reachable(loaded, tmp_path):
 
 def test_a_plugin_file_reaches_the_command(tmp_path, capsys):
     """`--plugin` registers a user's cache before the specs are read: it is studied like any other."""
-    from tests.helpers.user_caches import forget_plugin
+    from helpers.user_caches import forget_plugin
     from zoo.cli import main
 
     from pathlib import Path
