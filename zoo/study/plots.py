@@ -77,6 +77,7 @@ def plot_kl_vs_bytes(result: dict, path: Path) -> Path:
                 ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_ylim(bottom=0)  # KL >= 0: no negative decades
     ax.set_xlabel("cache bytes per context token (largest context)")
     ax.set_ylabel("mean KL(exact || cache), nats")
     ax.legend(fontsize=7)
