@@ -406,3 +406,32 @@ def test_needles_scored_as_rows_of_one_batch_are_scored_as_alone(loaded, cache, 
         assert a["retrieved"] == b["retrieved"]
         assert a["answer_logprob"] == pytest.approx(b["answer_logprob"], abs=1e-4)
     assert len({round(r["answer_logprob"], 3) for r in alone}) == 3  # the rows really differ
+
+
+def test_every_registered_cache_goes_through_the_study(loaded, tmp_path):
+    """Each registered cache, with the first option set it declares for this model, through every
+    stage: nothing in the study names a cache."""
+    from zoo.study.spec import CacheSpec
+
+    model, _ = loaded
+    specs = []
+    for name in caches.available():
+        examples = caches.examples(name, head_dim=model.config.head_dim, seq_len=48)
+        if examples:
+            specs.append(CacheSpec(name, dict(examples[0])))
+    assert len(specs) >= 4
+    text = tmp_path / "story.txt"
+    text.write_text(require_asset(TEXT).read_text(encoding="utf-8")[:600], encoding="utf-8")
+    settings = zoo.study.Settings.quick(max_tokens=48, chunk=16, conformance_tokens=16, needle=False,
+                                        contexts=(16, 32), decode=2)
+    result = zoo.study([str(require_asset("stories260K/stories260K.gguf"))], text, specs,
+                       settings=settings, progress=False)
+    model_result = result["models"][0]
+    runs = {r["name"]: r for r in model_result["runs"]}
+    assert set(runs) | {s["cache"].split(":")[0] for s in model_result["skipped"]} == {s.name for s in specs}
+    for name, run in runs.items():
+        assert isinstance(run["conformance"].get("ok"), bool), (name, run["conformance"])
+        assert run["quality"]["scored_tokens"] == 47 and run["quality"]["kl_mean"] >= 0, name
+        assert [p["context"] for p in run["cost"]["points"]] == [16, 32], name
+        if caches.exact_for(name, seq_len=48, **run["options"]):
+            assert run["quality"]["kl_max"] < 1e-6, name
