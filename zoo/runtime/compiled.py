@@ -14,7 +14,10 @@ masked slots weigh exactly 0; tests/test_compiled.py checks logits within 1e-5 a
 greedy tokens for every family and positional scheme).
 
 When it applies (`eligible`): every layer cache is exactly a `PreallocatedCache` that already
-holds a buffer with room for the token, batch 1, one token per step, no speculative decoding.
+holds a buffer with room for the token, batch 1, one token per step, no speculative decoding,
+and the buffer's empty tail is at most max(step, offset) slots (a growing buffer's always is; a
+large fixed `capacity` runs plain until it is half full, so attention never reads more than
+about twice the keys it needs).
 Otherwise, or with `KVZOO_COMPILE=off`, the generation loop runs the plain step. The step that
 fills a buffer runs plain (the cache grows its buffer), and the next shape is traced once.
 """
@@ -84,8 +87,12 @@ class CompiledDecoder:
         for cache in layer_caches:
             if type(cache) is not PreallocatedCache or cache.keys is None:
                 return False
-            if cache.keys.shape[0] != 1 or cache.offset + 1 > cache.keys.shape[2]:
+            slots = cache.keys.shape[2]
+            if cache.keys.shape[0] != 1 or cache.offset + 1 > slots:
                 return False  # batch > 1, or the buffer is full: the plain step grows it
+            if slots - cache.offset > max(cache.step, cache.offset):
+                return False  # a large fixed capacity, mostly empty: attention over all of it
+                #               would cost more than the compiled step saves
         return True
 
     def __call__(self, token: mx.array, layer_caches: Sequence[PreallocatedCache]) -> mx.array:
