@@ -59,6 +59,10 @@ class Cache:
 
     name: str = ""  # set by caches.register
     conformance: Any = None  # set by caches.register: what the conformance kit checks (registry.Conformance)
+    # The fingerprint of the model whose keys/values this cache holds (set by the model's
+    # forward, zoo/fingerprint.py; saved by caches.save, restored by caches.load), or None.
+    model_fingerprint: Optional[str] = None
+    _model_ref: Any = None  # a weak reference to that model (the cheap identity check)
 
     def __init__(self) -> None:
         self.offset = 0  # tokens written so far = absolute position of the next token

@@ -28,8 +28,8 @@ greedy_sample.greedy = True  # deterministic: what speculative decoding verifies
 
 
 def check_seed(seed: Any) -> Optional[int]:
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be None or an int in [0, 2**64) (a uint64 random key), got {seed!r}")
     return seed
 
 

@@ -420,10 +420,10 @@ def test_quantized_gguf_tensor_types_are_named(tmp_path):
     name = b"token_embd.weight"
     type_at = data.index(name) + len(name) + 4 + 8 * 2  # after the name: rank (u32), 2 dims (u64)
     assert struct.unpack_from("<I", data, type_at)[0] == 0  # F32
-    struct.pack_into("<I", data, type_at, 12)  # GGML Q4_K: a k-quant MLX cannot read
+    struct.pack_into("<I", data, type_at, 9)  # GGML Q8_1: an activation type no weights file holds
     (tmp_path / "q.gguf").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="'token_embd.weight' is stored as Q4_K; kvzoo reads GGUF tensors "
-                                         "stored as F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
+    with pytest.raises(ValueError, match="'token_embd.weight' is stored as Q8_1; kvzoo reads GGUF tensors "
+                                         "stored as F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K"):
         zoo.load_model(tmp_path / "q.gguf")
 
 

@@ -529,6 +529,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--draft needs --speculative MODEL_PATH (the model it drafts for)")
     if args.speculative:
         return _run_speculative(args)
+    if args.out is not None:
+        _check_writable(args.out)  # now, not after the benchmark
     settings = Settings.for_mode(args.quick, getattr(args, "smoke", False))
     settings.dtype = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[
         parse_dtype(args.dtype)]
