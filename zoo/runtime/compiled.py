@@ -96,8 +96,22 @@ class CompiledDecoder:
         return True
 
     def __call__(self, token: mx.array, layer_caches: Sequence[PreallocatedCache]) -> mx.array:
-        offset = layer_caches[0].offset
-        self.model.positional.check_positions(offset, 1)  # e.g. past a learned position table
+        from .. import ownership
+        from ..fingerprint import check as check_fingerprint
+        from ..validation import check_in_step
+
+        # The same guards as CausalLM.__call__ with a cache: one thread per cache list, every
+        # layer in step, the cache filled by this model; then the position check.
+        record = ownership.claim(layer_caches, "model forward")
+        try:
+            offset = check_in_step(layer_caches)
+            check_fingerprint(layer_caches, self.model)
+            self.model.positional.check_positions(offset, 1)  # e.g. past a learned position table
+            return self._run(token, layer_caches, offset)
+        finally:
+            ownership.release(record)
+
+    def _run(self, token: mx.array, layer_caches: Sequence[PreallocatedCache], offset: int) -> mx.array:
         buffers = [a for cache in layer_caches for a in (cache.keys, cache.values)]
         out = self._step(token.reshape(1, 1), mx.array([offset], dtype=mx.int32), *buffers)
         del buffers  # only the graph holds the old buffers now, so the update can be in place
