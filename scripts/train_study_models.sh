@@ -11,11 +11,11 @@
 # to the same STEPS2 optimizer steps (same batches: the windows are seeded by step), with a
 # fresh warmup + cosine over the STEPS2 steps (a warm restart), in three chains.
 #
-#   scripts/train_study_models.sh [OUT_DIR=/work/models] [MAX_MINUTES=9] [STEPS2=100]
+#   scripts/train_study_models.sh [OUT_DIR=/work/models] [MAX_MINUTES=9] [STEPS2=60]
 set -euo pipefail
 OUT=${1:-/work/models}
 MINUTES=${2:-9}
-STEPS2=${3:-100}
+STEPS2=${3:-60}
 ASSETS=${KVZOO_DATA:-/work/shared/data}
 DATA=$ASSETS/corpora/tinystories-valid-part1.txt
 TOKENIZER=$ASSETS/stories260K/tok512.model
