@@ -34,7 +34,9 @@ def main(out: str) -> None:
               "number of steps before its time-based cosine ended, then phase 2 restarted the warmup),",
               "not by their positional scheme or head layout. Use them for mechanics (caches, positions,",
               "layouts on a trained model), not to rank the schemes. The draft (ts512-rope-draft, 68",
-              "steps, phase 1 only) shares the tokenizer with the others for speculative decoding."]
+              "steps, phase 1 only) shares the tokenizer with the others for speculative decoding.",
+              "<name>-s100: copies continued to 100 steps (scripts/continue_study_models.sh; a fresh",
+              "warmup + cosine over 100 steps from the 60-step weights); the originals are unchanged."]
     (root / "README.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
