@@ -263,7 +263,7 @@ def test_continuing_with_another_model_is_refused(model):
 def test_the_same_weights_in_another_object_continue(model):
     twin = zoo.build("llama", preset="tiny", seed=0)
     cache = filled(model)
-    assert zoo.fingerprint(twin) == zoo.fingerprint(model)
+    assert zoo.model_fingerprint(twin) == zoo.model_fingerprint(model)
     twin(mx.array([[1]]), cache)
     assert cache[0].offset == 5
 
@@ -282,15 +282,15 @@ def test_an_emptied_cache_serves_any_model(model):
     for c in cache:
         c.trim(c.offset)
     other(mx.array([[1, 2]]), cache)
-    assert cache[0].model_fingerprint == zoo.fingerprint(other)
+    assert cache[0].model_fingerprint == zoo.model_fingerprint(other)
 
 
 def test_changed_weights_change_the_fingerprint():
     m = zoo.build("llama", preset="tiny", seed=0)
     cache = filled(m)
-    old = zoo.fingerprint(m)
+    old = zoo.model_fingerprint(m)
     m.update({"model": {"norm": {"weight": m.model.norm.weight * 2}}})
-    assert zoo.fingerprint(m) != old
+    assert zoo.model_fingerprint(m) != old
     with pytest.raises(zoo.ModelMismatchError):  # the same object, but no longer the same model
         m(mx.array([[1]]), cache)
 
@@ -299,7 +299,7 @@ def test_fingerprint_round_trips_through_caches_save(model, tmp_path):
     cache = filled(model)
     caches.save(tmp_path / "c.safetensors", cache)
     loaded, _ = caches.load(tmp_path / "c.safetensors")
-    assert all(c.model_fingerprint == zoo.fingerprint(model) for c in loaded)
+    assert all(c.model_fingerprint == zoo.model_fingerprint(model) for c in loaded)
     model(mx.array([[5]]), loaded)  # the model that filled it: continues
     other = zoo.build("llama", preset="tiny", seed=1)
     loaded, _ = caches.load(tmp_path / "c.safetensors")

@@ -26,10 +26,14 @@ from .registry import available, build, from_config, make_config, presets, regis
 
 from . import families  # noqa: E402,F401  (register the built-in families)
 from .checkpoints import load, load_model, save  # noqa: E402
+from .distributed import shard  # noqa: E402
 from .generate import generate_step  # noqa: E402
 from .stream import GenerationResponse, generate, stream_generate  # noqa: E402  zoo.generate: the function
-from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf  # noqa: E402
-from .fingerprint import ModelMismatchError, adopt_cache, fingerprint  # noqa: E402
+from .tokenizers import Tokenizer, apply_chat_template, load_tokenizer, tokenizer_from_gguf  # noqa: E402
+from . import study  # noqa: E402  zoo.study(...) runs a study; zoo.study.spec, .runner, ... are its parts
+from .training import train  # noqa: E402
+from .fingerprint import ModelMismatchError, adopt_cache  # noqa: E402
+from .fingerprint import fingerprint as model_fingerprint  # noqa: E402
 from .ownership import CacheInUseError  # noqa: E402
 
 __all__ = [
@@ -37,9 +41,10 @@ __all__ = [
     "CausalLM",
     "ModelMismatchError",
     "adopt_cache",
-    "fingerprint",
+    "model_fingerprint",
     "GenerationResponse",
     "ModelConfig",
+    "apply_chat_template",
     "available",
     "build",
     "from_config",
@@ -52,7 +57,10 @@ __all__ = [
     "presets",
     "register_family",
     "save",
+    "shard",
     "stream_generate",
+    "study",
     "tokenizer_from_gguf",
     "Tokenizer",
+    "train",
 ]

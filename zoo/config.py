@@ -33,6 +33,9 @@ class ModelConfig:
     projection (`out_bias`), the MLP (`mlp_bias`) and the LM head (`head_bias`).
     `sliding_window`: each query sees only the last `sliding_window` positions (itself
     included), as in Mistral; None for full causal attention.
+    `dropout`: the probability of zeroing an activation after the embeddings, each attention
+    output projection and each MLP (GPT-2's embd/resid dropout), in training mode only
+    (`model.train()`); models are built in eval mode, where it does nothing.
     """
 
     family: str
@@ -60,6 +63,7 @@ class ModelConfig:
     head_bias: bool = False
     sliding_window: Optional[int] = None
     init_std: float = 0.02
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -109,6 +113,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         if self.sliding_window is not None:
             positive_int("sliding_window")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
 
     @property
     def n_rep(self) -> int:

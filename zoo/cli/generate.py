@@ -3,6 +3,7 @@
     kvzoo generate --model stories260K.gguf --prompt "Once upon a time" --max-tokens 100
     kvzoo generate --model my-hf-folder --prompt "Hello" --temp 0.8 --top-p 0.95 --seed 0 \
         --cache preallocated --cache-opt step=128
+    kvzoo generate --model my-instruct-folder --chat --system "Be brief" --prompt "Hi"
 
 Only the reply goes to stdout (so it can be piped); the statistics go to stderr in
 mlx_lm.generate's format.
@@ -74,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(float32 on CPU, float16 on GPU; docs/performance.md), stored = as in the "
                              "checkpoint (default auto)")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as a user message through the tokenizer's chat template "
+                             "(tokenizer_config.json's chat_template), with the assistant's turn opened")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message first")
     speculative = parser.add_mutually_exclusive_group()
     speculative.add_argument("--draft", metavar="MODEL_PATH", default=None,
                              help="speculative decoding with this smaller model (same tokenizer) drafting")
@@ -111,7 +116,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--prompt-lookup must be >= 1 (the n-gram size to match), got {args.prompt_lookup}")
     if args.num_draft < 1:
         raise ValueError(f"--num-draft must be >= 1, got {args.num_draft}")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat (it is a chat message)")
     model, tokenizer = loading.load(args.model, dtype=dtype)
+    if args.chat:  # the template writes BOS and the turn markers itself
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
+            {"role": "user", "content": prompt}]
+        prompt = zoo.apply_chat_template(tokenizer, messages, add_generation_prompt=True, tokenize=True)
     draft = loading.load_model(args.draft, dtype=dtype) if args.draft else None
     from zoo.speculative import SpeculativeStats
 
@@ -134,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         cache_options=cache_options,
         stop=args.stop or None,
         prefill_step=args.prefill_step,
-        add_bos=False if args.no_bos else None,
+        add_bos=None if args.chat else (False if args.no_bos else None),
         **speculation,
     )
     last = None

@@ -41,6 +41,8 @@ class Tokenizer:
     add_bos: bool = False
     special_tokens: dict[str, int] = {}
     leading_space: str = "keep"
+    chat_template: Optional[Any] = None  # jinja source, or {name: source} (tokenizers/chat.py)
+    chat_special_tokens: dict[str, str] = {}  # bos_token, eos_token, ... as the template sees them
     utf8_errors: str = "replace"  # or REPLACE_EACH_BYTE (sentencepiece's policy)
 
     # -- what a backend implements ---------------------------------------------------------

@@ -194,7 +194,7 @@ def tokenizer_from_gguf(metadata: dict) -> GGUFTokenizer:
         else [NORMAL] * n
     eos = [_token_id(metadata, "tokenizer.ggml.eos_token_id", 2), _token_id(metadata, "tokenizer.ggml.eot_token_id")]
     _check_vocabulary(pieces, scores, types, metadata)
-    return GGUFTokenizer(
+    tokenizer = GGUFTokenizer(
         pieces,
         scores,
         [int(t) for t in types],
@@ -204,3 +204,11 @@ def tokenizer_from_gguf(metadata: dict) -> GGUFTokenizer:
         add_bos=bool(_scalar(metadata, "tokenizer.ggml.add_bos_token", True)),
         add_space_prefix=bool(_scalar(metadata, "tokenizer.ggml.add_space_prefix", True)),
     )
+    template = _scalar(metadata, "tokenizer.chat_template")  # llama.cpp keeps the HF template here
+    tokenizer.chat_template = template if isinstance(template, str) else None
+    roles = {"bos_token": tokenizer.bos_id, "eos_token": eos[0],
+             "unk_token": _token_id(metadata, "tokenizer.ggml.unknown_token_id", 0),
+             "pad_token": _token_id(metadata, "tokenizer.ggml.padding_token_id")}
+    tokenizer.chat_special_tokens = {role: str(pieces[i]) for role, i in roles.items()
+                                     if i is not None and 0 <= i < n}
+    return tokenizer
