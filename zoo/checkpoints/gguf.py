@@ -247,9 +247,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
     try:
         reader = GGUFReader(str(path))
+        # contents() decodes strings: a corrupt one is a UnicodeDecodeError that names no file
+        return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     except Exception as error:  # check_file has already checked the header; be clear anyway
         raise ValueError(f"{path}: cannot read GGUF metadata: {error}") from None
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
 # -- llama config from metadata ------------------------------------------------------------
