@@ -430,3 +430,16 @@ def test_a_generator_resumed_in_another_thread_is_refused(scenarios):
 
 def test_unevaluated_work_handed_to_another_thread_is_named(scenarios):
     assert lines(scenarios, "HANDOVER") == ["True 3"]
+
+
+def test_another_model_is_refused_on_the_compiled_decode_path():
+    """A one-token prompt on a preallocated cache goes straight to the compiled decode step
+    (zoo/runtime/compiled.py), past model.__call__: the check happens when generate_step is called."""
+    m = zoo.build("llama", preset="tiny", seed=0)
+    other = zoo.build("llama", preset="tiny", seed=1)
+    cache = caches.make("preallocated", m)
+    list(zoo.generate_step(m, [1, 2, 3], cache=cache, max_tokens=2))
+    before = snapshot(cache)
+    with pytest.raises(zoo.ModelMismatchError):
+        zoo.generate_step(other, [4], cache=cache, max_tokens=3)
+    assert_unchanged(cache, before)

@@ -87,6 +87,10 @@ def generate_step(
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs [V]) for each generated token.
 
+    prompt_tokens: one prompt (token ids), or a batch: a list of token id lists of any lengths
+    (or an int array [B, L]); a batch yields (tokens [B] as ints, logprobs [B, V]) per step, each
+    row what that prompt gives alone (zoo/batch.py; zoo.batch_generate adds per-row stops).
+
     cache: a registry name (default: `default_cache(model)`, options in `cache_options`) or a list
     of caches, one per layer; a list that already holds tokens continues from its offset.
     sampler: log-probabilities [1, V] -> token [1]; greedy by default.
@@ -104,6 +108,16 @@ def generate_step(
     processors return is checked every step, naming the one at fault. max_tokens=0 prefills the
     whole prompt: afterwards the cache holds exactly the tokens fed.
     """
+    from .batch import is_batch
+
+    if is_batch(prompt_tokens):  # a batch of prompts: zoo/batch.py, one (tokens [B], logprobs [B, V]) per step
+        from .batch import batch_generate_step
+
+        yield from batch_generate_step(
+            model, prompt_tokens, cache=cache, cache_options=cache_options, sampler=sampler,
+            logits_processors=logits_processors, max_tokens=max_tokens, prefill_step=prefill_step,
+            vocab_size=vocab_size)
+        return
     model_vocab = model.config.vocab_size
     if vocab_size is not None and not 1 <= vocab_size <= model_vocab:
         raise ValueError(f"vocab_size must be in [1, {model_vocab}] (the model's), got {vocab_size}")
@@ -125,9 +139,18 @@ def generate_step(
             padding=padding, vocab=vocab_size or model_vocab, stats=speculative_stats)
         return
 
+    # Decode steps over preallocated caches run compiled (zoo/runtime/compiled.py; KVZOO_COMPILE=off:
+    # never): the same tokens, logits equal up to summation order, less per-token overhead.
+    from .runtime.compiled import CompiledDecoder
+
+    decoder = CompiledDecoder(model) if CompiledDecoder.wanted(model) else None
+
     def step(tokens: mx.array) -> tuple[mx.array, mx.array, validation.Verdict, mx.array]:
         nonlocal history
-        logits = model(tokens[None], layer_caches, check_tokens=False)[:, -1, :]  # [1, V]
+        if decoder is not None and tokens.size == 1 and decoder.eligible(model, layer_caches):
+            logits = decoder(tokens, layer_caches)  # [1, V]
+        else:
+            logits = model(tokens[None], layer_caches, check_tokens=False)[:, -1, :]  # [1, V]
         verdict = validation.Verdict(logits)  # checked with the token: no extra synchronisation
         if padding is not None:
             logits = logits + padding

@@ -79,10 +79,15 @@ class CausalLM(nn.Module):
     def _forward(self, tokens: mx.array, offset: int, cache: Optional[Sequence[Cache]],
                  reference: Optional[Reference], check_tokens: bool) -> mx.array:
         length = tokens.shape[1]
-        self.positional.check_positions(offset, length)
+        padding = cache[0].padding if cache else None  # ragged rows: int32 [B] left padding
+        if padding is not None and tokens.shape[0] != padding.shape[0]:
+            raise ValueError(f"the cache holds {padding.shape[0]} rows, tokens have B={tokens.shape[0]}")
+        self.positional.check_positions(offset - min(cache[0].row_padding) if padding is not None else offset, length)
         if check_tokens:
             check_token_range(tokens, self.config.vocab_size)
         positions = mx.arange(offset, offset + length, dtype=mx.int32)  # the only arange of positions
+        if padding is not None:
+            positions = positions - padding[:, None]  # [B, L]: each row's own; padding negative
         ctx = Context(positions, self.positional, reference or EXACT, window=self.config.sliding_window)
         return self.forward(tokens, ctx, cache or [None] * len(self.layers))
 

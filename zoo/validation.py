@@ -91,13 +91,21 @@ def check_generate_arguments(arguments: dict[str, Any]) -> None:
     """
     from .generate import prompt_array  # the loop's own prompt check: ids, shape, vocabulary
 
+    from .batch import is_batch
+
     model = arguments["model"]
     check_count("max_tokens", arguments["max_tokens"], 0)
     check_count("prefill_step", arguments["prefill_step"], 1)
-    check_callables(arguments["sampler"], arguments["logits_processors"])
     vocab_size = arguments["vocab_size"]
     if vocab_size is not None:
         check_count("vocab_size", vocab_size, 1)
+    if is_batch(arguments["prompt_tokens"]):  # zoo/batch.py checks samplers per row
+        if arguments["draft"] is not None or arguments["prompt_lookup"] is not None:
+            raise ValueError("speculative decoding runs one prompt at a time; pass a single prompt")
+        for row in arguments["prompt_tokens"]:
+            model.positional.check_positions(0, prompt_array(model, row).size)
+        return
+    check_callables(arguments["sampler"], arguments["logits_processors"])
     check_prompt_tokens(arguments["prompt_tokens"])
     prompt = prompt_array(model, arguments["prompt_tokens"])
     cache = arguments["cache"]
@@ -106,6 +114,9 @@ def check_generate_arguments(arguments: dict[str, Any]) -> None:
         layers = list(cache)
         if layers and all(isinstance(c, Cache) for c in layers):
             offset = check_in_step(layers)
+            from .fingerprint import check as same_model
+
+            same_model(layers, model)  # here too: compiled decode steps do not pass model.__call__
     model.positional.check_positions(offset, prompt.size)
 
 

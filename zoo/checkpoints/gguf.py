@@ -247,10 +247,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
     try:
         reader = GGUFReader(str(path))
-        # contents() decodes strings: a corrupt one is a UnicodeDecodeError that names no file
-        return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     except Exception as error:  # check_file has already checked the header; be clear anyway
         raise ValueError(f"{path}: cannot read GGUF metadata: {error}") from None
+    try:
+        return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    except Exception as error:  # a corrupt entry (e.g. a string that is not UTF-8)
+        raise ValueError(f"{path}: a GGUF metadata entry is unreadable ({type(error).__name__}: {error}); "
+                         f"the file is corrupt") from None
 
 
 # -- llama config from metadata ------------------------------------------------------------

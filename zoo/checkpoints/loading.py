@@ -151,18 +151,23 @@ def _load_with_source(path: PathLike, dtype: DtypeArg, group: Any = None) -> tup
     """(model, ("gguf", metadata) or ("folder", folder path)); sharded over `group` (see load_model)."""
     from .. import distributed
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"a model path must be a str or Path naming an HF-style folder or a .gguf "
-                        f"file, got {type(path).__name__} {path!r}")
     group = distributed.default_group() if group is None else group
     if group is None or group.size() == 1:
         return _read_source(path, dtype, evaluate=True)
     model, source = _read_source(path, dtype, evaluate=False)  # lazy: nothing read yet
-    return distributed.shard(model, group), source
+    model = distributed.shard(model, group)
+    from mlx.utils import tree_flatten
+
+    # finite weights, checked on this process's shard only (the rest was never read)
+    check_finite(dict(tree_flatten(model.parameters())), lambda name: f"{path} ({name}, this process's shard)")
+    return model, source
 
 
 def _read_source(path: PathLike, dtype: DtypeArg, evaluate: bool) -> tuple[CausalLM, tuple[str, Any]]:
     dtype = _resolve_dtype(dtype)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a model path must be a str or Path naming an HF-style folder or a .gguf "
+                        f"file, got {type(path).__name__} {path!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: expected an HF-style folder or a .gguf file")
@@ -203,17 +208,17 @@ def _load_folder(folder: Path, dtype: Optional[mx.Dtype], evaluate: bool = True)
         raise ValueError(f"{config_path} is not valid JSON: {error}") from None
     if not isinstance(hf_dict, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(hf_dict).__name__}")
+    hf_dict = dict(hf_dict)
     check_positive_fields(hf_dict, POSITIVE_HF_FIELDS, str(config_path))
     for nested in ("rope_scaling", "rope_parameters"):
         if isinstance(hf_dict.get(nested), dict):
             check_positive_fields(hf_dict[nested], ("factor", "rope_theta"), f"{config_path} {nested}")
-    hf_dict = dict(hf_dict)
     quantization = quantized.read_quantization(hf_dict)  # mlx-lm's quantized folders
     try:
         config = hf.config_from_hf(hf_dict)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{config_path}: {error}") from None
-    weights = read_safetensors_folder(folder, finite=evaluate)  # lazy (sharded) loads read slices only
+    weights = read_safetensors_folder(folder, check=evaluate)
     model = from_config(config)
     layout = hf.layout(config, list(weights))
     if quantization is not None:
@@ -230,10 +235,9 @@ def _read_safetensors(path: Path) -> dict[str, mx.array]:
         raise ValueError(f"{path}: cannot read safetensors file ({error}); it may be truncated or corrupt") from None
 
 
-def read_safetensors_folder(folder: Path, *, finite: bool = True) -> dict[str, mx.array]:
+def read_safetensors_folder(folder: Path, check: bool = True) -> dict[str, mx.array]:
     """Every tensor of a folder's safetensors files, following model.safetensors.index.json
-    when there is one (sharded checkpoints); `finite`: check every floating-point tensor is
-    finite (this reads them all; a lazy, distributed load skips it)."""
+    when there is one (sharded checkpoints)."""
     index_path = folder / INDEX
     weight_map: Optional[dict[str, str]] = None
     if index_path.exists():
@@ -254,7 +258,7 @@ def read_safetensors_folder(folder: Path, *, finite: bool = True) -> dict[str, m
     origin: dict[str, str] = {}
     for file in files:
         tensors = _read_safetensors(file)
-        if finite:
+        if check:  # False: the caller checks what it keeps (a shard), reading nothing more
             check_finite(tensors, lambda name: str(file))
         for name, array in tensors.items():
             if name in weights:
