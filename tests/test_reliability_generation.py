@@ -328,6 +328,13 @@ except ValueError as error:
     print("SAMPLER", error)
 print("SAMPLER-OFFSETS", cache[0].offset, cache[1].offset)
 
+# 1b. the same sampler crash in a ragged batch (zoo/batch.py)
+try:
+    list(zoo.generate_step(m, [[1, 2], [3]], sampler=lambda lp: mx.full((lp.shape[0],), 10**6, mx.int32),
+                           max_tokens=3))
+except ValueError as error:
+    print("BATCH", error)
+
 # 2. one cache list, three threads generating on it (three rounds: the race was intermittent)
 for round in range(3):
     cache = caches.make("concat", m)
@@ -443,3 +450,8 @@ def test_another_model_is_refused_on_the_compiled_decode_path():
     with pytest.raises(zoo.ModelMismatchError):
         zoo.generate_step(other, [4], cache=cache, max_tokens=3)
     assert_unchanged(cache, before)
+
+
+def test_batched_sampler_outside_the_vocabulary_is_an_error_not_a_crash(scenarios):
+    (message,) = lines(scenarios, "BATCH")
+    assert message.startswith("sampler <lambda>") and "1000000, outside the vocabulary" in message
