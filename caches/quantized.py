@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from . import affine
 from .affine import affine_grid  # noqa: F401  (re-exported: the grid the rounding reference uses)
-from .attention import Bias, scaled_dot_product_attention
+from .attention import Bias, scaled_dot_product_attention, visibility
 from .base import Cache
 from .reference import Reference
 from .registry import register
@@ -118,7 +118,7 @@ def _reference(cache: "QuantizedCache") -> QuantizedReference:
     return QuantizedReference(cache.bits, cache.group_size, cache.key_bits, cache.value_bits)
 
 
-@register("quantized", reference=_reference, examples=_examples, exact=False)
+@register("quantized", reference=_reference, examples=_examples, exact=False, ragged=True)
 class QuantizedCache(Cache):
     """Keys and values as `bits`-bit integers with a scale and bias per `group_size` features.
 
@@ -231,11 +231,11 @@ class QuantizedCache(Cache):
         if self.narrow:
             keys = self._dequantize(q_keys, self.key_bits).astype(queries.dtype)
             values = self._dequantize(q_values, self.value_bits).astype(queries.dtype)
-            in_order = self.keys_in_order  # positions 0..offset-1: MLX's causal fast path
+            in_order = self.keys_in_order and self.padding is None  # MLX's causal fast path
             return scaled_dot_product_attention(
                 queries, keys, values, scale=scale, q_positions=q_positions,
                 k_positions=None if in_order else self.fetched_positions(),
-                reference=Reference(), bias=bias)
+                reference=self.reference, bias=bias)
         B, Hq, L, D = queries.shape
         Hkv = q_keys[0].shape[1]
         n_rep = Hq // Hkv
@@ -252,9 +252,9 @@ class QuantizedCache(Cache):
             scores = mx.quantized_matmul(q, *q_keys, transpose=True, group_size=self.group_size,
                                          bits=self.key_bits)  # [B, Hkv, n_rep, L, S]
         S = scores.shape[-1]
-        if L > 1 or bias is not None:
+        if L > 1 or bias is not None or self.padding is not None:
             k_positions = self.fetched_positions()
-            mask = self.reference.mask(q_positions, k_positions)  # [L, S] or [B, L, S]
+            mask = visibility(self.reference, q_positions, k_positions)  # [L, S] or [B, L, S]
             if mask.ndim == 3:
                 mask = mask[:, None, None]  # [B, 1, 1, L, S]
             if bias is not None:
@@ -321,6 +321,12 @@ class QuantizedCache(Cache):
         if self.keys is None:
             return 0
         return sum(a.nbytes for a in self.keys + self.values)
+
+    def _select_rows(self, index):
+        self._take_rows(index, "keys", "values")
+
+    def _extend_rows(self, other, width, padding):
+        self._stack_rows(other, width, "keys", "values")
 
     def _trim(self, n):
         pass  # slots past the new offset are overwritten by the next update

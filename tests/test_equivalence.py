@@ -10,6 +10,7 @@ covered with no edit here.
 
 from __future__ import annotations
 
+import os
 
 import pytest
 from hypothesis import event, given, settings
@@ -19,7 +20,8 @@ import positional
 import zoo
 from helpers.equivalence import run_scenario, scenarios
 
-@settings(max_examples=600)
+# KVZOO_PROPERTY_EXAMPLES: fewer examples for mutation runs (pyproject.toml [tool.mutmut]); CI uses 600
+@settings(max_examples=int(os.environ.get("KVZOO_PROPERTY_EXAMPLES", 600)))
 @given(scenarios())
 def test_every_pairing_preserves_the_reference_outputs(s):
     for name in run_scenario(s):

@@ -53,11 +53,14 @@ def assign_weights(
     layout: CheckpointLayout,
     source: str,
     dtype: Optional[mx.Dtype] = None,
+    evaluate: bool = True,
 ) -> None:
     """Load `file_weights` into `model` through `layout`, all or nothing.
 
     Raises ValueError naming missing, unexpected or mis-shaped tensors (by their file names)
     before any parameter changes. `dtype` casts floating-point tensors; None keeps them as stored.
+    `evaluate=False` leaves the parameters lazy (still to be read from the files), so a caller
+    can keep slices of them without ever holding every tensor (zoo.distributed).
     """
     expected = dict(tree_flatten(model.parameters()))
     mapped: dict[str, tuple[str, mx.array]] = {}
@@ -86,14 +89,19 @@ def assign_weights(
         raise ValueError(f"{source} does not match the model's config: " + "; ".join(problems))
     new = []
     for name, (file_name, array) in mapped.items():
-        if not mx.issubdtype(array.dtype, mx.floating):
+        packed = not mx.issubdtype(expected[name].dtype, mx.floating)  # a quantized layer's uint32 weight
+        if packed and array.dtype != expected[name].dtype:
+            raise ValueError(f"{source}: tensor {file_name!r} has dtype {array.dtype}; this quantized "
+                             f"layer stores {expected[name].dtype}")
+        if not packed and not mx.issubdtype(array.dtype, mx.floating):
             raise ValueError(f"{source}: tensor {file_name!r} has dtype {array.dtype}; weights must be floating point")
         array = layout.from_file(name, array)
-        if dtype is not None:
+        if dtype is not None and not packed:
             array = array.astype(dtype)
         new.append((name, array))
     model.update(tree_unflatten(new))
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
 
 
 def file_weights_of(model: nn.Module, layout: CheckpointLayout) -> dict[str, mx.array]:

@@ -13,6 +13,9 @@ COMMANDS = {
     "generate": "zoo.cli.generate",
     "info": "zoo.cli.info",
     "bench": "zoo.cli.bench",
+    "study": "zoo.cli.study",
+    "train": "zoo.cli.train",
+    "convert": "zoo.cli.convert",
 }
 
 
@@ -52,6 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         load_plugins(args)
+        from zoo.distributed import setup_cli
+
+        setup_cli(args)  # under mlx.launch -n N: load shards, rank 0 prints (docs/distributed.md)
         return int(args.run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"kvzoo {args.command}: error: {error}", file=sys.stderr)
