@@ -237,7 +237,7 @@ class QuantizedCache(Cache):
             return scaled_dot_product_attention(
                 queries, keys, values, scale=scale, q_positions=q_positions,
                 k_positions=None if in_order else self.fetched_positions(),
-                reference=Reference(), bias=bias)
+                reference=self.reference, bias=bias)
         B, Hq, L, D = queries.shape
         Hkv = q_keys[0].shape[1]
         n_rep = Hq // Hkv
