@@ -61,8 +61,10 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME",
+                        help="leave a variant out (e.g. --skip fp16: MLX's CPU fp16 is slow to measure)")
     args = parser.parse_args()
-    models = variants(args.preset)
+    models = {name: m for name, m in variants(args.preset).items() if name not in args.skip}
     prompt = np.random.RandomState(0).randint(0, models["fp32"].config.vocab_size, 32).tolist()
     for model in models.values():  # warm-up: compile kernels, touch the weights
         decode_tps(model, prompt, 4)
