@@ -58,6 +58,12 @@ from .attention import Bias, fast_sdpa, scaled_dot_product_attention
 from .reference import EXACT, Reference
 
 
+class Unsupported(ValueError):
+    """A cache that cannot serve a model by design (the message says why): raised by
+    `check_model`, so `caches.make` refuses, and the property test, `kvzoo check` and `kvzoo bench`
+    report the pairing as not run instead of failing (say, `streaming` on learned positions)."""
+
+
 class Fetched(NamedTuple):
     """What `_append` returns when attention does not read positions 0..offset-1 in order."""
 
@@ -74,7 +80,14 @@ class Cache:
     can, `_restore`, `_trim`, `_positions`, `_check`); everything else is here."""
 
     name: str = ""  # set by caches.register
+    # True: the model hands `attend` keys and queries before RoPE, with `rotate=` the scheme's
+    # rotation (x, contiguous positions) -> x, and the cache places them itself (StreamingLLM).
+    rotates_keys: bool = False
     conformance: Any = None  # set by caches.register: what the conformance kit checks (registry.Conformance)
+    # The fingerprint of the model whose keys/values this cache holds (set by the model's
+    # forward, zoo/fingerprint.py; saved by caches.save, restored by caches.load), or None.
+    model_fingerprint: Optional[str] = None
+    _model_ref: Any = None  # a weak reference to that model (the cheap identity check)
 
     def __init__(self) -> None:
         self.offset = 0  # tokens written so far = absolute position of the next token
@@ -170,6 +183,10 @@ class Cache:
 
     def check_model(self, model: Any) -> None:
         """Raise if this cache (with its options) cannot serve `model` (called by caches.make)."""
+
+    def join(self, layers: list["Cache"]) -> None:
+        """Called by caches.make (and caches.load) with the model's whole list of caches, in
+        layer order: for a cache whose reference covers every layer (eviction records)."""
 
     def _trim_refusal(self) -> Optional[str]:
         """Why `trim` cannot remove tokens right now, or None when it can."""

@@ -109,6 +109,8 @@ def make(name: str, model: Any, **options: Any) -> list[Cache]:
     caches = [cls(**options) for _ in layers]
     for cache in caches[:1]:
         cache.check_model(model)
+    for cache in caches:
+        cache.join(caches)
     return caches
 
 

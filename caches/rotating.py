@@ -53,6 +53,9 @@ def _examples(head_dim: int, seq_len: int) -> list[dict]:
     ]
 
 
+DEFAULT_KEEP = 4  # attention sinks when keep is not given (at most max_size - 1)
+
+
 @register("rotating", reference=lambda cache: WindowReference(cache.max_size, cache.keep),
           examples=_examples, exact=lambda seq_len, max_size, keep: seq_len <= max_size, ragged=True)
 class RotatingCache(Cache):
@@ -69,9 +72,11 @@ class RotatingCache(Cache):
 
     step = 256
 
-    def __init__(self, max_size: int = 4096, keep: int = 4) -> None:
+    def __init__(self, max_size: int = 4096, keep: Optional[int] = None) -> None:
         super().__init__()
         _check_int("max_size", max_size, 1)
+        if keep is None:  # the default: 4 sinks, fewer when the window is too small for them
+            keep = min(DEFAULT_KEEP, max_size - 1)
         _check_int("keep", keep, 0)
         if keep >= max_size:
             raise ValueError(

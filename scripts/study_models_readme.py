@@ -13,7 +13,7 @@ def main(out: str) -> None:
     lines = ["Trained kvzoo models (zoo.load(path) / kvzoo generate --model path).",
              "Recipe: scripts/train_study_models.sh in the kvzoo repository (branch training).",
              "Data: ../shared/data/corpora/tinystories-valid-part1.txt, last 10% held out for the",
-             "validation loss (nats per character, char-level tokenizer built from the text).", ""]
+             "validation loss (nats per token of the 512-piece SentencePiece tokenizer tok512.model).", ""]
     header = f"{'name':30} {'family':6} {'pos':8} {'layout':6} {'L':>2} {'d':>4} {'H':>2} {'KV':>2} " \
              f"{'ctx':>4} {'params':>9} {'steps':>5} {'train':>6} {'val':>6} {'minutes':>7}"
     lines += [header, "-" * len(header)]

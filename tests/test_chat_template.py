@@ -13,6 +13,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers.assets import require_module
 from helpers.hf_folders import save_tokenizer
@@ -178,3 +179,41 @@ def test_generate_chat_prompts_with_the_rendered_template(folders, tmp_path, cap
     assert f"Prompt: {len(ids)} tokens" in out.err
     assert kvzoo(["generate", "--model", str(folder), "--prompt", "Hi", "--chat", "--system", "Be brief",
                   "--max-tokens", "2"]) == 0
+
+
+def test_gguf_chat_template_is_read_and_rendered_as_transformers(tmp_path):
+    """llama.cpp keeps the HF template in the GGUF's `tokenizer.chat_template`; BOS/EOS text
+    comes from the embedded vocabulary (stories260K: <s>, </s>)."""
+    from helpers.assets import require_asset
+    from helpers.gguf_files import rewrite
+
+    gguf = require_module("gguf")
+    require_module("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    source = require_asset("stories260K/stories260K.gguf")
+    template = (TEMPLATES / "mistral-instruct.jinja").read_text()
+    rewrite(source, tmp_path / "plain.gguf", lambda name, array: (array, None))
+    reader = gguf.GGUFReader(str(tmp_path / "plain.gguf"))
+    writer = gguf.GGUFWriter(str(tmp_path / "chat.gguf"), arch="llama")
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            vtype = field.types[0]
+            writer.add_key_value(key, field.contents(), vtype,
+                                 sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    writer.add_chat_template(template)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _, tokenizer = zoo.load(tmp_path / "chat.gguf")
+    assert tokenizer.chat_template == template
+    chat = CONVERSATIONS[2]
+    (expected,), _ = render_jinja_template([chat], chat_template=template, bos_token="<s>", eos_token="</s>",
+                                           add_generation_prompt=True)
+    assert zoo.apply_chat_template(tokenizer, chat, add_generation_prompt=True) == expected
+    assert expected.startswith("<s>[INST] Hi [/INST]Hello, how can I help?</s>")
+    ids = zoo.apply_chat_template(tokenizer, chat, add_generation_prompt=True, tokenize=True)
+    assert ids[0] == tokenizer.bos_id and ids.count(tokenizer.bos_id) == 1

@@ -269,8 +269,14 @@ def test_the_command_writes_study_json_with_the_documented_fields(cli_run):
         assert [p["context"] for p in run["cost"]["points"]] == [32, 96]
         assert run["cost"]["peak_bytes"] >= run["cost"]["points"][-1]["bytes"] > 0
         assert run["cost"]["prefill_tokens_per_s"] > 0
+        for point in run["cost"]["points"]:
+            assert point["decode_tokens_per_s_best"] >= point["decode_tokens_per_s"] > 0
     assert runs["concat"]["quality"]["kl_max"] < 1e-6
     assert runs["rotating:max_size=16:keep=0"]["quality"]["kl_mean"] > 0.01
+    # the text's run: a window holds 16 tokens' keys at most, the exact cache all 159 fed
+    per_token = 2 * 5 * 4 * 8 * 4  # (k, v) x layers x kv heads x head size x float32 bytes
+    assert runs["rotating:max_size=16:keep=0"]["quality"]["peak_bytes"] == 16 * per_token
+    assert runs["concat"]["quality"]["peak_bytes"] == 159 * per_token
     window_bytes = runs["rotating:max_size=16:keep=0"]["cost"]["points"]
     assert window_bytes[0]["bytes"] == window_bytes[1]["bytes"]  # a full window stays that size
     assert runs["rotating:max_size=16:keep=0"]["cost"]["points"][-1]["held_tokens"] == 16
@@ -311,3 +317,38 @@ def test_zoo_study_is_callable_and_its_modules_reachable(loaded, tmp_path):
                        settings=settings, progress=False)
     assert zoo.study.spec.parse("concat").name == "concat"
     assert result["models"][0]["runs"][0]["quality"]["kl_max"] < 1e-6
+
+
+def test_a_plugin_file_reaches_the_command(tmp_path, capsys):
+    """`--plugin` registers a user's cache before the specs are read: it is studied like any other."""
+    from tests.helpers.user_caches import forget_plugin
+    from zoo.cli import main
+
+    from pathlib import Path
+
+    plugin = Path(__file__).resolve().parents[1] / "docs" / "examples" / "half_cache.py"
+    try:
+        status = main(["study", "--plugin", str(plugin), "--model", str(require_asset("stories260K/stories260K.gguf")),
+                       "--text", str(require_asset(TEXT)), "--caches", "half", "--out", str(tmp_path),
+                       "--quick", "--max-tokens", "96", "--no-needle", "--no-cost", "--no-plots"])
+    finally:
+        forget_plugin("half", "half_cache")
+    assert status == 0, capsys.readouterr()
+    (run,) = json.loads((tmp_path / "study.json").read_text())["models"][0]["runs"]
+    assert run["cache"] == "half" and run["conformance"]["ok"]
+    assert 0 < run["quality"]["kl_mean"] < 1e-3  # half-precision keys: a small, real drift
+
+
+def test_spans_chunk_then_decode_one_token_at_a_time():
+    from zoo.study.perplexity import spans
+
+    assert list(spans(10, 4)) == [(0, 4), (4, 8), (8, 10)]
+    assert list(spans(10, 4, prefill=6)) == [(0, 4), (4, 6)] + [(i, i + 1) for i in range(6, 10)]
+    with pytest.raises(ValueError, match="prefill"):
+        list(spans(10, 4, prefill=0))
+
+
+def test_perplexity_in_decode_mode_through_an_exact_cache_is_the_uncached_models(loaded, tokens):
+    model, _ = loaded
+    nll = token_nll(model, tokens[:120], caches.make("preallocated", model), chunk=32, prefill=70)
+    np.testing.assert_allclose(nll, uncached_nll(model, tokens[:120]), atol=2e-4)

@@ -34,13 +34,19 @@ from .stream import GenerationResponse, generate, stream_generate  # noqa: E402 
 from .tokenizers import Tokenizer, apply_chat_template, load_tokenizer, tokenizer_from_gguf  # noqa: E402
 from . import study  # noqa: E402  zoo.study(...) runs a study; zoo.study.spec, .runner, ... are its parts
 from .training import train  # noqa: E402
+from .fingerprint import ModelMismatchError, adopt_cache, fingerprint  # noqa: E402
+from .ownership import CacheInUseError  # noqa: E402
 
 __all__ = [
     "BatchResult",
     "RowStats",
     "batch_generate",
     "batch_stream",
+    "CacheInUseError",
     "CausalLM",
+    "ModelMismatchError",
+    "adopt_cache",
+    "fingerprint",
     "GenerationResponse",
     "ModelConfig",
     "apply_chat_template",

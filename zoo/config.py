@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
@@ -97,8 +98,11 @@ class ModelConfig:
             if self.positional != "rope":
                 raise ValueError(f"rope_scaling (llama3) needs positional='rope', got {self.positional!r}")
             object.__setattr__(self, "rope_scaling", llama3_scaling(self.rope_scaling))
-        if self.norm_eps <= 0 or self.init_std <= 0:
-            raise ValueError("norm_eps and init_std must be positive")
+        for name in ("norm_eps", "init_std", "rope_base", "rope_scale"):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS)):
             value = getattr(self, name)
             if value is not None and value not in allowed:

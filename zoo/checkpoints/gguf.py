@@ -249,7 +249,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
         reader = GGUFReader(str(path))
     except Exception as error:  # check_file has already checked the header; be clear anyway
         raise ValueError(f"{path}: cannot read GGUF metadata: {error}") from None
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    try:
+        return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    except Exception as error:  # a corrupt entry (e.g. a string that is not UTF-8)
+        raise ValueError(f"{path}: a GGUF metadata entry is unreadable ({type(error).__name__}: {error}); "
+                         f"the file is corrupt") from None
 
 
 # -- llama config from metadata ------------------------------------------------------------
@@ -264,6 +268,14 @@ def _value(metadata: dict[str, Any], key: str, default: Any = None, *, required:
         return default
     value = metadata[key]
     return value.item() if isinstance(value, mx.array) and value.ndim == 0 else value
+
+
+def _positive(metadata: dict[str, Any], key: str, default: Any = None, *, required: bool = False) -> float:
+    """A metadata number that must be finite and > 0 (an epsilon, a RoPE base or factor)."""
+    value = _value(metadata, key, default, required=required)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"GGUF metadata {key!r} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> ModelConfig:
@@ -291,7 +303,7 @@ def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> 
     rope_scale = 1.0
     scaling = _value(metadata, p + "rope.scaling.type", "none")
     if scaling == "linear":
-        rope_scale = 1.0 / float(_value(metadata, p + "rope.scaling.factor", required=True))
+        rope_scale = 1.0 / _positive(metadata, p + "rope.scaling.factor", required=True)
     elif scaling != "none":
         raise ValueError(f"GGUF rope.scaling.type {scaling!r} is not supported (supported: none, linear)")
     if "token_embd.weight" not in weights:
@@ -318,10 +330,10 @@ def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> 
         d_ff=int(_value(metadata, p + "feed_forward_length", required=True)),
         positional="rope",
         max_positions=int(_value(metadata, p + "context_length", 2048)),
-        rope_base=float(_value(metadata, p + "rope.freq_base", 10000.0)),
+        rope_base=_positive(metadata, p + "rope.freq_base", 10000.0),
         rope_traditional=True,
         rope_scale=rope_scale,
-        norm_eps=float(_value(metadata, p + "attention.layer_norm_rms_epsilon", required=True)),
+        norm_eps=_positive(metadata, p + "attention.layer_norm_rms_epsilon", required=True),
         tie_embeddings=tied,
         norm="rmsnorm",
         activation="silu",

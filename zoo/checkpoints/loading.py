@@ -13,6 +13,7 @@ error naming the file, field or tensor.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,7 +21,8 @@ import mlx.core as mx
 
 from ..model import CausalLM
 from ..registry import from_config
-from . import gguf, hf, quantized
+from . import gguf, hf, quantized, safetensors
+from .finite import POSITIVE_HF_FIELDS, check_finite, check_positive_fields
 from .layout import assign_weights, file_weights_of
 
 PathLike = Union[str, Path]
@@ -54,7 +56,18 @@ def load(path: PathLike, *, dtype: DtypeArg = "auto", group: Any = None) -> tupl
     from ..tokenizers import load_tokenizer, tokenizer_from_gguf
 
     model, (kind, source) = _load_with_source(path, dtype, group)
-    tokenizer = tokenizer_from_gguf(source) if kind == "gguf" else load_tokenizer(source)
+    if kind == "gguf":
+        try:
+            tokenizer = tokenizer_from_gguf(source)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: {error}") from None
+    else:
+        tokenizer = load_tokenizer(source)
+    ids = getattr(tokenizer, "vocab_size", None)
+    if isinstance(ids, int) and ids > model.config.vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer and the model do not match: the tokenizer has "
+            f"{tokenizer.vocab_size} ids but the model's embedding has {model.config.vocab_size} rows")
     return model, tokenizer
 
 
@@ -142,11 +155,19 @@ def _load_with_source(path: PathLike, dtype: DtypeArg, group: Any = None) -> tup
     if group is None or group.size() == 1:
         return _read_source(path, dtype, evaluate=True)
     model, source = _read_source(path, dtype, evaluate=False)  # lazy: nothing read yet
-    return distributed.shard(model, group), source
+    model = distributed.shard(model, group)
+    from mlx.utils import tree_flatten
+
+    # finite weights, checked on this process's shard only (the rest was never read)
+    check_finite(dict(tree_flatten(model.parameters())), lambda name: f"{path} ({name}, this process's shard)")
+    return model, source
 
 
 def _read_source(path: PathLike, dtype: DtypeArg, evaluate: bool) -> tuple[CausalLM, tuple[str, Any]]:
     dtype = _resolve_dtype(dtype)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a model path must be a str or Path naming an HF-style folder or a .gguf "
+                        f"file, got {type(path).__name__} {path!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: expected an HF-style folder or a .gguf file")
@@ -163,7 +184,11 @@ def _read_source(path: PathLike, dtype: DtypeArg, evaluate: bool) -> tuple[Causa
 
 def _load_gguf(path: Path, dtype: Optional[mx.Dtype], evaluate: bool = True) -> tuple[CausalLM, dict[str, Any]]:
     weights, metadata = gguf.read(path)
-    config = gguf.config_from_gguf(metadata, weights)
+    check_finite(weights, lambda name: str(path))
+    try:
+        config = gguf.config_from_gguf(metadata, weights)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{path}: {error}") from None
     model = from_config(config)
     assign_weights(model, weights, gguf.GGUFLlamaLayout(config), str(path), dtype, evaluate)
     return model, metadata
@@ -184,9 +209,16 @@ def _load_folder(folder: Path, dtype: Optional[mx.Dtype], evaluate: bool = True)
     if not isinstance(hf_dict, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(hf_dict).__name__}")
     hf_dict = dict(hf_dict)
+    check_positive_fields(hf_dict, POSITIVE_HF_FIELDS, str(config_path))
+    for nested in ("rope_scaling", "rope_parameters"):
+        if isinstance(hf_dict.get(nested), dict):
+            check_positive_fields(hf_dict[nested], ("factor", "rope_theta"), f"{config_path} {nested}")
     quantization = quantized.read_quantization(hf_dict)  # mlx-lm's quantized folders
-    config = hf.config_from_hf(hf_dict)
-    weights = read_safetensors_folder(folder)
+    try:
+        config = hf.config_from_hf(hf_dict)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{config_path}: {error}") from None
+    weights = read_safetensors_folder(folder, check=evaluate)
     model = from_config(config)
     layout = hf.layout(config, list(weights))
     if quantization is not None:
@@ -196,13 +228,14 @@ def _load_folder(folder: Path, dtype: Optional[mx.Dtype], evaluate: bool = True)
 
 
 def _read_safetensors(path: Path) -> dict[str, mx.array]:
+    safetensors.check_file(path)  # bounds-checked header first: MLX's reader trusts the file
     try:
         return mx.load(str(path), format="safetensors")
     except (RuntimeError, ValueError) as error:
         raise ValueError(f"{path}: cannot read safetensors file ({error}); it may be truncated or corrupt") from None
 
 
-def read_safetensors_folder(folder: Path) -> dict[str, mx.array]:
+def read_safetensors_folder(folder: Path, check: bool = True) -> dict[str, mx.array]:
     """Every tensor of a folder's safetensors files, following model.safetensors.index.json
     when there is one (sharded checkpoints)."""
     index_path = folder / INDEX
@@ -224,7 +257,10 @@ def read_safetensors_folder(folder: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     origin: dict[str, str] = {}
     for file in files:
-        for name, array in _read_safetensors(file).items():
+        tensors = _read_safetensors(file)
+        if check:  # False: the caller checks what it keeps (a shard), reading nothing more
+            check_finite(tensors, lambda name: str(file))
+        for name, array in tensors.items():
             if name in weights:
                 raise ValueError(f"tensor {name!r} appears in both {origin[name]} and {file.name}")
             weights[name], origin[name] = array, file.name

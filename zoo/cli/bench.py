@@ -531,6 +531,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--draft needs --speculative MODEL_PATH (the model it drafts for)")
     if args.speculative:
         return _run_speculative(args)
+    if args.out is not None:
+        _check_writable(args.out)  # now, not after the benchmark
     if args.batch:
         return _run_batch(args)
     settings = Settings.for_mode(args.quick, getattr(args, "smoke", False))

@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+import mlx.core as mx
+
 import caches
 import positional
 from caches import conformance
@@ -27,6 +29,7 @@ LAYOUTS = {"MHA": 4, "GQA": 2, "MQA": 1}  # n_kv_heads for the tiny presets' 4 q
 PROMPT_LEN = 24
 DECODE = 12
 CHUNKS = [5, 1, 11, 7]  # uneven on purpose: single-token and multi-token chunks with a warm cache
+PROMPT = "Once upon a time, there was a little"  # --model's default prompt
 
 
 @dataclass
@@ -52,8 +55,10 @@ def check_pairings(
     layouts: Optional[Iterable[str]] = None,
     seed: int = 0,
     progress=None,
+    skipped: Optional[list[str]] = None,
 ) -> list[Row]:
-    """Check every requested pairing; returns one Row per (pairing, cache option set)."""
+    """Check every requested pairing; returns one Row per (pairing, cache option set). A cache
+    that refuses a model by design (caches.Unsupported) is noted in `skipped` with its reason."""
     families = _choose(families, available_families(), "family")
     schemes = _choose(schemes, positional.available(), "positional scheme")
     cache_names = _choose(cache_names, caches.available(), "cache")
@@ -70,9 +75,14 @@ def check_pairings(
                 for name in cache_names:
                     for options in caches.examples(name, head_dim=model.config.head_dim,
                                                    seq_len=seq_len):
-                        report = conformance.check(
-                            model, lambda: caches.make(name, model, **options), prompt,
-                            chunks=CHUNKS, decode=DECODE)
+                        try:
+                            report = conformance.check(
+                                model, lambda: caches.make(name, model, **options), prompt,
+                                chunks=CHUNKS, decode=DECODE)
+                        except caches.Unsupported as refusal:
+                            if skipped is not None:
+                                skipped.append(f"{name} on {family}/{scheme}/{layout}: {refusal}")
+                            continue
                         exact = caches.exact_for(name, seq_len=seq_len, **options)
                         rows.append(Row(family, scheme, layout, name, dict(options), exact, report))
                         if progress:
@@ -108,6 +118,14 @@ def check_checkpoint(
     if limit is not None and seq_len > limit:
         raise ValueError(f"prompt ({len(tokens)} tokens) + --decode {decode} = {seq_len} positions, "
                          f"past this model's {limit}")
+    logits = model(mx.array([tokens], dtype=mx.int32))  # [1, L, V]: the uncached forward
+    finite = mx.isfinite(logits)
+    if not mx.all(finite).item():
+        nan = int(mx.sum(mx.isnan(logits)).item())
+        raise ValueError(
+            f"{path}: the model's logits are NaN or infinite on this prompt ({nan} NaN, "
+            f"{int(mx.sum(~finite).item()) - nan} inf of {logits.size}): the weights or the dtype are "
+            f"broken, so no cache can be checked against it")
     chunks = uneven_chunks(len(tokens))
     rows, skipped = [], []
     for name in cache_names:
@@ -115,8 +133,12 @@ def check_checkpoint(
         if not examples:
             skipped.append(f"{name}: no option set fits this model (head_dim {cfg.head_dim})")
         for options in examples:
-            report = conformance.check(model, lambda: caches.make(name, model, **options), tokens,
-                                       chunks=chunks, decode=decode)
+            try:
+                report = conformance.check(model, lambda: caches.make(name, model, **options), tokens,
+                                           chunks=chunks, decode=decode)
+            except caches.Unsupported as refusal:
+                skipped.append(f"{name}: {refusal}")
+                break
             rows.append(Row(cfg.family, cfg.positional, cfg.layout, name, dict(options),
                             caches.exact_for(name, seq_len=seq_len, **options), report))
             if progress:
@@ -185,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH",
                         help="check every cache on this checkpoint (HF folder or .gguf) instead of the "
                              "tiny random presets")
-    parser.add_argument("--prompt", default="Once upon a time, there was a little",
+    parser.add_argument("--prompt", default=PROMPT,
                         help="with --model: the prompt text (default: a story opening)")
     parser.add_argument("--decode", type=int, default=DECODE,
                         help=f"with --model: greedy steps to compare (default {DECODE})")
@@ -198,6 +220,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"\r  checked {row.family}/{row.positional}/{row.layout}/{row.label}".ljust(72),
               end="", file=sys.stderr, flush=True)
 
+    if not args.model:
+        for flag, value, default in (("--decode", args.decode, DECODE), ("--prompt", args.prompt, PROMPT)):
+            if value != default:
+                raise ValueError(f"{flag} applies with --model PATH (a real checkpoint); the random "
+                                 f"presets use a fixed prompt of {PROMPT_LEN} tokens and {DECODE} steps")
     if args.model:
         for flag, value in (("--families", args.families), ("--positional", args.positional),
                             ("--layouts", args.layouts)):
@@ -208,8 +235,9 @@ def run(args: argparse.Namespace) -> int:
         setup = (f"{args.model}; prompt {args.prompt!r} in chunks of {CHUNKS} (cycled), "
                  f"{args.decode} greedy steps")
     else:
-        rows = check_pairings(args.families, args.positional, args.caches, args.layouts, args.seed, progress)
         skipped = []
+        rows = check_pairings(args.families, args.positional, args.caches, args.layouts, args.seed, progress,
+                              skipped=skipped)
         setup = f"prompt {PROMPT_LEN} tokens in chunks {CHUNKS}, {DECODE} greedy steps"
     print("\r".ljust(73) + "\r", end="", file=sys.stderr)
     print(format_table(rows))

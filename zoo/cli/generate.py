@@ -97,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --draft/--prompt-lookup: most tokens drafted per round (default 4)")
 
 
+def read_stdin_prompt() -> str:
+    """The prompt from stdin, without the one line ending `echo` and editors put after it."""
+    text = sys.stdin.read()
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.checkpoints import loading
@@ -109,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     elif args.batch_size is not None:
         raise ValueError("--batch-size applies to --prompts-file")
-    prompt = (sys.stdin.read() if args.prompt == "-" else args.prompt) if args.prompt is not None else None
+    prompt = (read_stdin_prompt() if args.prompt == "-" else args.prompt) if args.prompt is not None else None
     cache_options = parse_cache_options(args.cache_opt)
     # Check the options before the (possibly slow) load; stream_generate checks them all again.
     unknown = sorted(set(cache_options) - set(caches.options_of(args.cache))) if args.cache else []

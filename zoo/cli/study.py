@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the exact cache to compare with (default: the model's default cache)")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="use the first N tokens of the text")
     parser.add_argument("--chunk", type=int, metavar="N", help="tokens per forward when teacher forcing")
+    parser.add_argument("--prefill", type=int, metavar="N",
+                        help="teacher-force the first N tokens in chunks, then one token per forward, as "
+                             "decoding feeds a cache (for caches that act at the end of a prefill: snapkv)")
     parser.add_argument("--window", type=int, metavar="N", help="scored tokens per perplexity window")
     parser.add_argument("--contexts", type=_ints, metavar="N,N,...", help="contexts of the cost sweep")
     parser.add_argument("--decode", type=int, metavar="N", help="timed decode steps per context")
@@ -61,12 +64,12 @@ def settings_from(args: argparse.Namespace):
     from ..study import Settings
 
     overrides: dict = {}
-    for flag in ("baseline", "max_tokens", "chunk", "window", "contexts", "decode", "needle_contexts",
+    for flag in ("baseline", "max_tokens", "chunk", "prefill", "window", "contexts", "decode", "needle_contexts",
                  "needle_depths", "needle_trials", "seed"):
         value: Optional[object] = getattr(args, flag)
         if value is not None:
             overrides[flag] = value
-    for flag in ("max_tokens", "chunk", "window", "decode", "needle_trials"):
+    for flag in ("max_tokens", "chunk", "prefill", "window", "decode", "needle_trials"):
         if flag in overrides and overrides[flag] < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {overrides[flag]}")
     if args.no_needle:

@@ -34,26 +34,32 @@ class Run:
     top1: np.ndarray  # bool: this run's most likely token is the base run's
     error: Optional[str] = None  # why the run stopped early (positions scored so far are kept)
     scored: int = 0  # tokens scored before it stopped (all of them when error is None)
+    peak_bytes: int = 0  # most cache bytes held after any chunk
 
 
 @dataclass
 class Comparison:
     base_nll: np.ndarray
+    base_peak_bytes: int = 0
     tests: dict[str, Run] = field(default_factory=dict)
 
 
 def compare(model: Any, tokens: Sequence[int], base: list, tests: dict[str, list], *,
-            chunk: int = 256, progress: Optional[Callable[[int], None]] = None) -> Comparison:
+            chunk: int = 256, prefill: Optional[int] = None,
+            progress: Optional[Callable[[int], None]] = None) -> Comparison:
     """Teacher-force `tokens` through `base` (an exact cache) and every cache in `tests` (label ->
-    fresh per-layer cache) in lockstep, chunk by chunk. A test cache that raises (say, a full
+    fresh per-layer cache) in lockstep, chunk by chunk (`perplexity.spans`: with `prefill`, one
+    token per forward after the first `prefill`, as decoding feeds a cache). A test cache that raises (say, a full
     fixed-capacity buffer) stops there with the error recorded; the others go on.
     `progress(n)` is called with the tokens each chunk scored."""
     tokens = check_tokens(tokens, chunk)
     n = tokens.size - 1
     base_nll = np.empty(n, dtype=np.float64)
     runs = {label: Run(np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool)) for label in tests}
-    for start, base_lp, targets in chunk_logprobs(model, base, tokens, chunk):
+    base_peak = 0
+    for start, base_lp, targets in chunk_logprobs(model, base, tokens, chunk, prefill=prefill):
         stop = start + targets.size
+        base_peak = max(base_peak, sum(c.nbytes for c in base))
         base_nll[start:stop] = -np.array(target_logprobs(base_lp, targets))
         base_p = mx.exp(base_lp)
         base_top = mx.argmax(base_lp, axis=-1)
@@ -75,15 +81,16 @@ def compare(model: Any, tokens: Sequence[int], base: list, tests: dict[str, list
             run.top1[start:stop] = np.array(top1)
             run.nll[start:stop] = np.array(nll)
             run.scored = stop
+            run.peak_bytes = max(run.peak_bytes, sum(c.nbytes for c in cache))
         if progress:
             progress(targets.size * (1 + len(tests)))
-    return Comparison(base_nll, runs)
+    return Comparison(base_nll, base_peak, runs)
 
 
 def summarize(base_nll: np.ndarray, run: Run) -> dict[str, Any]:
     """llama.cpp's statistics for one run over the tokens it scored: mean KL (with its standard
     error), 99th-percentile KL, max KL, top-1 agreement, both perplexities, their difference
-    and ratio."""
+    and ratio; and the most cache bytes the run held."""
     n = run.scored
     if n == 0:
         return {"scored_tokens": 0, "error": run.error}
@@ -100,6 +107,7 @@ def summarize(base_nll: np.ndarray, run: Run) -> dict[str, Any]:
         "ppl": ppl,
         "delta_ppl": ppl - base_ppl,
         "ppl_ratio": ppl / base_ppl,
+        "peak_bytes": run.peak_bytes,
         "error": run.error,
     }
 

@@ -46,6 +46,7 @@ class Settings:
 
     max_tokens: Optional[int] = None  # of the text, after tokenizing (None: all of it)
     chunk: int = 256  # tokens per forward when teacher forcing
+    prefill: Optional[int] = None  # teacher-force only this many in chunks, then one token per forward
     window: int = 128  # scored tokens per perplexity window
     baseline: Optional[str] = None  # the exact cache to compare with (None: the model's default)
     conformance_tokens: int = 64  # prompt of the conformance check (plus 8 decode steps)
@@ -239,7 +240,8 @@ def study_model(path: str, content: str, specs: list[CacheSpec], settings: Setti
 
     # quality, in lockstep with the baseline
     comparison = compare(model, tokens, base.make(model), {job.label: job.spec.make(model) for job in live},
-                         chunk=settings.chunk, progress=lambda k: bar.step(k, f"{Path(path).name} perplexity"))
+                         chunk=settings.chunk, prefill=settings.prefill,
+                         progress=lambda k: bar.step(k, f"{Path(path).name} perplexity"))
     base_ppl = perplexity(comparison.base_nll)
     for job in live:
         run = comparison.tests[job.label]
@@ -292,7 +294,7 @@ def study_model(path: str, content: str, specs: list[CacheSpec], settings: Setti
         "tokens": n,
         "scored_tokens": n - 1,
         "notes": notes,
-        "baseline": {"cache": base.label, "ppl": base_ppl,
+        "baseline": {"cache": base.label, "ppl": base_ppl, "peak_bytes": comparison.base_peak_bytes,
                      "ppl_windows": windows(comparison.base_nll, settings.window), "cost": cost,
                      "needle": needle.get("baseline")},
         "needle": {k: v for k, v in needle.items() if k != "baseline"},

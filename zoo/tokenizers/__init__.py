@@ -9,6 +9,7 @@ vocab_size and a streaming detokenizer.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .base import StreamingDetokenizer, Tokenizer
@@ -52,7 +53,14 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     tokenizer_config.json / special_tokens_map.json; extra EOS ids from generation_config.json
     or config.json (`eos_token_id`).
     """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"load_tokenizer needs a folder path (str or Path), got {type(folder).__name__} {folder!r}")
     folder = Path(folder)
+    if folder.is_file():
+        hint = (" (for a .gguf file: zoo.load(path) or tokenizer_from_gguf)" if folder.suffix == ".gguf"
+                else "")
+        raise ValueError(f"{folder} is a file; load_tokenizer takes the folder holding the tokenizer "
+                         f"files ({LOOKED_FOR}), here {folder.parent}{hint}")
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
     if (folder / "kvzoo_tokenizer.json").exists():

@@ -59,10 +59,14 @@ def save_tokenizer(tokenizer: Tokenizer, source: Any, folder: Path) -> None:
     source = Path(source)
     if source.is_file():  # a SentencePiece .model file given directly
         shutil.copyfile(source, folder / "tokenizer.model")
-        return
-    names = [n for n in TOKENIZER_FILES if (source / n).exists()] + [p.name for p in source.glob("*.tiktoken")]
-    for name in names:
-        shutil.copyfile(source / name, folder / name)
+    else:
+        names = [n for n in TOKENIZER_FILES if (source / n).exists()] + [p.name for p in source.glob("*.tiktoken")]
+        for name in names:
+            shutil.copyfile(source / name, folder / name)
+    if tokenizer.add_bos:  # the text was encoded without BOS: prompts must be too
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        config_path.write_text(json.dumps({**config, "add_bos_token": False}, indent=2) + "\n")
 
 
 def save_optimizer(optimizer: optim.Optimizer, folder: Path) -> None:

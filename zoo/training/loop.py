@@ -73,6 +73,7 @@ class TrainSettings:
     val_fraction: float = 0.1
     seed: int = 0
     max_minutes: Optional[float] = None  # stop after this long; the cosine then runs on time
+    stop_after: Optional[int] = None  # pause after this step (resume=True continues to `steps`)
     progress: bool = True
 
     def check(self) -> None:
@@ -83,7 +84,7 @@ class TrainSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.warmup < 0 or self.warmup >= self.steps and self.warmup > 0:
+        if not 0 <= self.warmup < self.steps:
             raise ValueError(f"warmup must be in [0, steps), got {self.warmup} with steps {self.steps}")
         if self.pad_vocab is not None and self.pad_vocab < 1:
             raise ValueError(f"pad_vocab must be a positive multiple, got {self.pad_vocab}")
@@ -132,6 +133,15 @@ def model_config(s: TrainSettings, vocab_size: int) -> ModelConfig:
     return make_config(s.family, **overrides)
 
 
+def new_model(config: ModelConfig, *, seed: int) -> CausalLM:
+    """A freshly initialised model to train: Normal(0, init_std) matrices, embeddings and
+    learned position tables (0.02 by default, as GPT-2), zero biases, unit norm scales."""
+    model = from_config(config)
+    init_weights(model, seed=seed, std=config.init_std)
+    mx.eval(model.parameters())
+    return model
+
+
 def evaluate(model: CausalLM, ids: np.ndarray, s: TrainSettings) -> float:
     """Mean loss over `eval_batches` fixed random batches of `ids`, dropout off."""
     was_training = model.training
@@ -153,7 +163,8 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
     folder = Path(out)
     saved = checkpoint.load_state(folder) if resume else None
     if saved is not None:  # the saved run's settings, with the ones given now on top
-        s = TrainSettings(**{**saved["settings"], **settings, "data": data, "out": out})
+        previous = {k: v for k, v in saved["settings"].items() if k != "stop_after"}
+        s = TrainSettings(**{**previous, **settings, "data": data, "out": out})
     else:
         s = TrainSettings(data=data, out=out, **settings)
     s.check()
@@ -163,13 +174,11 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
     token_data = TokenData.from_ids(ids, val_fraction=s.val_fraction, block_size=s.block_size)
 
     config = ModelConfig(**saved["model_config"]) if saved else model_config(s, tokenizer.vocab_size)
-    model = from_config(config)
+    model = new_model(config, seed=s.seed)
     if saved:
         from ..checkpoints.loading import load_model
 
         model.update(load_model(folder).parameters())
-    else:
-        init_weights(model, seed=s.seed, std=config.init_std)
     # Dropout masks: MLX's global generator, seeded per (seed, first step); a resumed run draws
     # masks of its own (batches and weights still continue exactly).
     mx.random.seed(s.seed * 1_000_003 + start_step(saved))
@@ -180,6 +189,8 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
     if saved:
         checkpoint.load_optimizer(optimizer, folder)
         start, history = saved["step"], saved["history"]
+        if start >= s.steps:
+            raise ValueError(f"{folder} is already trained to step {start}; pass steps > {start} to continue")
     model.train()
     step = make_step(model, optimizer, clip=s.grad_clip or None)
 
@@ -188,10 +199,13 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
     bar = _progress(s, start)
     loss_value, timed_tokens, timed_seconds = float("nan"), 0, 0.0
     began = time.perf_counter()
+    earlier = history[-1].get("seconds", 0.0) if history else 0.0  # a resumed run's time so far
     limit = s.max_minutes * 60 if s.max_minutes else None
     for i in range(start, s.steps):
-        # With a time limit the schedule follows whichever runs out first, steps or time.
-        at = i if limit is None else max(i, int(s.steps * (time.perf_counter() - began) / limit))
+        # With a time limit the schedule follows whichever runs out first, steps or time (a
+        # resumed run's earlier time counts: one cosine over all of it).
+        spent = earlier + time.perf_counter() - began
+        at = i if limit is None else max(i, int(s.steps * spent / (earlier + limit)))
         optimizer.learning_rate = learning_rate(min(at, s.steps - 1), lr=s.lr, warmup=s.warmup,
                                                 total=s.steps, min_lr=min_lr)
         batches = [random_windows(token_data.train, s.batch_size, s.block_size, s.seed, i * s.grad_accum + j)
@@ -208,16 +222,17 @@ def train(data: str, out: str, *, resume: bool = False, **settings: Any) -> Trai
             bar.update(1)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the loss became {loss_value} at step {i + 1}; lower --lr or clip gradients")
-        out_of_time = limit is not None and time.perf_counter() - began >= limit
+        out_of_time = (limit is not None and time.perf_counter() - began >= limit) or i + 1 == s.stop_after
         if (i + 1) % s.eval_interval == 0 or i + 1 == s.steps or i == 0 or out_of_time:
             val = evaluate(model, token_data.val, s) if len(token_data.val) else None
             history.append(dict(step=i + 1, train_loss=loss_value, val_loss=val,
                                 lr=float(optimizer.learning_rate.item()), tokens_per_second=speed,
-                                seconds=round(time.perf_counter() - began, 1)))
+                                seconds=round(earlier + time.perf_counter() - began, 1)))
             _print(f"step {i + 1}: train loss {loss_value:.4f}"
                    + (f" val loss {val:.4f}" if val is not None else "") + f" tok/s {speed:,.0f}", bar)
         if out_of_time:
-            _print(f"time limit of {s.max_minutes} min reached at step {i + 1} of {s.steps}", bar)
+            why = "paused (stop_after)" if i + 1 == s.stop_after else f"time limit of {s.max_minutes} min reached"
+            _print(f"{why} at step {i + 1} of {s.steps}", bar)
             break
     if bar is not None:
         bar.close()

@@ -11,8 +11,13 @@ def split_window(windows: mx.array) -> tuple[mx.array, mx.array]:
     return windows[:, :-1], windows[:, 1:]
 
 
-def lm_loss(model: nn.Module, windows: mx.array) -> mx.array:
-    """Mean cross-entropy of predicting each next token of `windows` [B, T + 1] (a scalar)."""
+def token_losses(model: nn.Module, windows: mx.array) -> mx.array:
+    """Cross-entropy [B, T] of each prediction: term i scores input i's logits on target i."""
     inputs, targets = split_window(windows)
     logits = model(inputs, check_tokens=False)  # [B, T, V]
-    return nn.losses.cross_entropy(logits, targets, reduction="mean")
+    return nn.losses.cross_entropy(logits, targets)
+
+
+def lm_loss(model: nn.Module, windows: mx.array) -> mx.array:
+    """Mean cross-entropy of predicting each next token of `windows` [B, T + 1] (a scalar)."""
+    return mx.mean(token_losses(model, windows))
