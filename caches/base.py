@@ -326,8 +326,9 @@ class Cache:
 
     @property
     def keys_in_order(self) -> bool:
-        """True when the last fetch returned exactly positions 0..offset-1, in order."""
-        return self._fetched is None or self._fetched.positions is None
+        """True when the last fetch returned exactly positions 0..offset-1, in order (never for
+        left-padded rows: their positions are their own, padding negative)."""
+        return self.padding is None and (self._fetched is None or self._fetched.positions is None)
 
     @property
     def reference(self) -> Reference:
