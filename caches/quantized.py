@@ -330,6 +330,9 @@ class QuantizedCache(Cache):
     def _extend_rows(self, other, width, padding):
         self._stack_rows(other, width, "keys", "values")
 
+    def _drop_front(self, n):
+        self._slice_front(n, "keys", "values")
+
     def _trim(self, n):
         pass  # slots past the new offset are overwritten by the next update
 
