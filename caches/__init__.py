@@ -19,7 +19,7 @@ _blas.setup()
 
 
 from .attention import scaled_dot_product_attention
-from .base import Cache, Fetched
+from .base import Cache, Fetched, ragged_refusal
 from .reference import EXACT, Reference
 from .registry import Conformance, available, examples, exact_for, get, make, options_of, reference_of, register
 from .persistence import load, save
@@ -46,6 +46,7 @@ __all__ = [
     "make",
     "options_of",
     "reference_of",
+    "ragged_refusal",
     "register",
     "scaled_dot_product_attention",
 ]

@@ -43,7 +43,7 @@ def scaled_dot_product_attention(
                 )
             return fast_sdpa(queries, keys, values, scale=scale)  # one query sees every key
         k_positions = mx.arange(keys.shape[-2], dtype=mx.int32)
-    mask = reference.mask(q_positions, k_positions)  # bool [Lq, Lk] or [B, Lq, Lk]
+    mask = visibility(reference, q_positions, k_positions)  # bool [Lq, Lk] or [B, Lq, Lk]
     if mask.ndim == 3:
         mask = mask[:, None]  # [B, 1, Lq, Lk]: one mask for every head
     if bias is not None:
@@ -52,6 +52,23 @@ def scaled_dot_product_attention(
             floor = mx.array(-float("inf"), dtype=queries.dtype)
             mask = mx.where(mask, additive.astype(queries.dtype), floor)
     return fast_sdpa(queries, keys, values, scale=scale, mask=mask)
+
+
+def visibility(reference: Reference, q_positions: mx.array, k_positions: mx.array) -> mx.array:
+    """Boolean visibility [Lq, Lk] (or [B, Lq, Lk] for rows with their own positions): the
+    reference's mask, and for rows of a ragged batch the rule for left padding.
+
+    In a ragged batch (positions [B, L], see Cache.prepare_rows) a negative position marks a
+    padding slot. Padding is never attended: real queries see no key with a negative position.
+    A padding query sees only itself (the key at its own position), so that its softmax has
+    one finite term; its output is never read by a real query, so the rows' results are those
+    of each row alone.
+    """
+    mask = reference.mask(q_positions, k_positions)
+    if q_positions.ndim < 2 and k_positions.ndim < 2:
+        return mask  # one sequence for every row: no padding
+    q, k = q_positions[..., :, None], k_positions[..., None, :]  # [B, Lq, 1], [B, 1, Lk]
+    return (mask & (k >= 0)) | ((q < 0) & (k == q))
 
 
 def fast_sdpa(

@@ -22,19 +22,34 @@ What a strategy implements (see docs/architecture.md, "Adding a cache"):
     _trim(n)                drop the newest n tokens (only if the strategy can)
     _positions()            absolute positions of the stored keys, if not 0..offset-1 in order
     _check(keys, values)    strategy-specific refusals, raised before anything changes
+    _select_rows(index)     keep only rows `index` (int32 [B']) of every stored array
+    _prepare_rows(padding)  get ready for rows left-padded by `padding` (rarely needed)
+    _extend_rows(other, width, padding)  append `other`'s rows, both left-padded to `width`
 
 and declares, once, at registration (`@caches.register(name, reference=..., examples=...,
 exact=...)`, see caches/registry.py) what the conformance kit needs: its reference (what the
 uncached oracle must do to match it), the option sets worth testing, and when it is exact
 against the true model. Options are the keyword arguments of `__init__`, each kept as an
 attribute of the same name (that is how `meta_state` saves them).
+
+Rows (ragged batches). A cache holds B rows. Prompts of different lengths are left-padded to
+one length: `prepare_rows(padding)` on an empty cache says that the first `padding[b]` slots of
+row b are padding. The cache stores the padded sequence exactly as it stores one sequence
+(`offset` counts slots, padding included); the base class turns the positions a strategy
+reports (slot positions of the padded sequence) into each row's own, `slot - padding[b]`, so
+padding has negative positions, which attention never reads (`caches.attention.visibility`).
+The model computes each row's query positions the same way at its top. A strategy that
+stores by slot needs nothing more; one whose storage depends on positions (the rotating
+cache's sinks) adapts in `_prepare_rows`. Whether a cache can serve ragged batches is declared
+at registration (`ragged=True`); a cache that does not declare it is refused with the reason.
+`select_rows` drops rows (finished generations) where the strategy implements `_select_rows`.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
@@ -59,11 +74,17 @@ class Cache:
 
     name: str = ""  # set by caches.register
     conformance: Any = None  # set by caches.register: what the conformance kit checks (registry.Conformance)
+    # The fingerprint of the model whose keys/values this cache holds (set by the model's
+    # forward, zoo/fingerprint.py; saved by caches.save, restored by caches.load), or None.
+    model_fingerprint: Optional[str] = None
+    _model_ref: Any = None  # a weak reference to that model (the cheap identity check)
 
     def __init__(self) -> None:
         self.offset = 0  # tokens written so far = absolute position of the next token
         self._layout: Optional[tuple] = None  # (B, Hkv, Dk, Dv, dtype) once the first update lands
         self._fetched: Optional[Fetched] = None  # what the last update returned
+        self.padding: Optional[mx.array] = None  # int32 [B]: left padding of each row; None: none
+        self.row_padding: Optional[tuple[int, ...]] = None  # the same, as Python ints
 
     # -- storage hooks: what a strategy implements -----------------------------------------
 
@@ -93,6 +114,47 @@ class Cache:
     def _check(self, keys: mx.array, values: mx.array) -> None:
         """Raise ValueError/TypeError if this strategy cannot store keys/values (e.g. a full
         buffer). Called after the generic checks, before anything changes."""
+
+    def _select_rows(self, index: mx.array) -> None:
+        """Keep only rows `index` (int32 [B'], distinct, in that order) of every stored array."""
+        raise NotImplementedError
+
+    def _prepare_rows(self, padding: tuple[int, ...]) -> None:
+        """Called on an empty cache before rows left-padded by `padding` arrive; a strategy
+        whose storage depends on positions adapts here (by default nothing to do)."""
+
+    def _extend_rows(self, other: "Cache", width: int, padding: tuple[int, ...]) -> None:
+        """Append the rows of `other` (same class and options): both sides' stored slots left-
+        padded to `width` slots; `padding` is every row's left padding afterwards."""
+        raise NotImplementedError
+
+    def _stack_rows(self, other: "Cache", width: int, *names: str) -> None:
+        """`_extend_rows` for in-order storage in attributes `names` ([B, H, S, *] arrays, or
+        lists/tuples of them): each side's first `offset` slots, zero slots in front up to
+        `width`, then the rows of `other` after this cache's."""
+        def fit(a: mx.array, offset: int) -> mx.array:
+            a = a[:, :, :offset]
+            if offset < width:
+                a = mx.concatenate([mx.zeros((*a.shape[:2], width - offset, *a.shape[3:]), a.dtype), a], axis=2)
+            return a
+
+        for name in names:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if isinstance(mine, mx.array):
+                setattr(self, name, mx.concatenate([fit(mine, self.offset), fit(theirs, other.offset)], axis=0))
+            else:
+                setattr(self, name, type(mine)(mx.concatenate([fit(a, self.offset), fit(b, other.offset)], axis=0)
+                                               for a, b in zip(mine, theirs)))
+
+    def _take_rows(self, index: mx.array, *names: str) -> None:
+        """`_select_rows` for arrays kept in attributes `names` (an array, a list/tuple of
+        arrays, or None each)."""
+        for name in names:
+            held = getattr(self, name)
+            if isinstance(held, mx.array):
+                setattr(self, name, held[index])
+            elif isinstance(held, (list, tuple)):
+                setattr(self, name, type(held)(a[index] for a in held))
 
     def check_model(self, model: Any) -> None:
         """Raise if this cache (with its options) cannot serve `model` (called by caches.make)."""
@@ -126,18 +188,106 @@ class Cache:
         return fetched.keys, fetched.values
 
     def key_positions(self) -> mx.array:
-        """Absolute position (int32) of every stored key, in stored order."""
-        positions = self._positions()
-        return mx.arange(self.offset, dtype=mx.int32) if positions is None else positions
+        """Absolute position (int32) of every stored key, in stored order: [S], or [B, S] for
+        left-padded rows (each row's own positions; padding negative)."""
+        return self._row_positions(self._positions())
 
     def fetched_positions(self) -> mx.array:
-        """Absolute position of every key the last `update_and_fetch` returned, same order."""
+        """Absolute position of every key the last `update_and_fetch` returned, same order
+        ([S], or [B, S] for left-padded rows)."""
         if self._fetched is None:
             return self.key_positions()
         positions = self._fetched.positions
         if callable(positions):
             positions = positions()
-        return mx.arange(self.offset, dtype=mx.int32) if positions is None else positions
+        return self._row_positions(positions)
+
+    def _row_positions(self, positions: Optional[mx.array]) -> mx.array:
+        """Slot positions of the (padded) sequence -> each row's own positions."""
+        if positions is None:
+            positions = mx.arange(self.offset, dtype=mx.int32)
+        if self.padding is None:
+            return positions
+        return positions - self.padding[:, None]  # [B, S]: negative where a row is padding
+
+    # -- rows ------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> Optional[int]:
+        """How many rows (B) the cache holds; None before the first update (unless prepared)."""
+        if self._layout is not None:
+            return self._layout[0]
+        return None if self.row_padding is None else len(self.row_padding)
+
+    def prepare_rows(self, padding: Sequence[int]) -> None:
+        """Declare B rows whose first `padding[b]` slots will be left padding (before anything
+        is stored). All zeros (prompts of one length) needs nothing of the strategy; any other
+        padding needs a cache registered with `ragged=True`, else ValueError with the reason."""
+        padding = tuple(padding)
+        if not padding or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in padding):
+            raise ValueError(f"padding must be a non-empty sequence of ints >= 0 (one per row), got {padding!r}")
+        if self.offset or self._layout is not None:
+            raise ValueError(f"{type(self).__name__} already holds {self.offset} tokens: rows are "
+                             f"prepared on an empty cache")
+        if not any(padding):
+            self.padding = self.row_padding = None
+            return
+        refusal = ragged_refusal(type(self))
+        if refusal:
+            raise ValueError(refusal)
+        self._prepare_rows(padding)
+        self.row_padding = padding
+        self.padding = mx.array(padding, dtype=mx.int32)
+
+    def extend_rows(self, other: "Cache") -> None:
+        """Append the rows of `other` (a cache of the same class and options holding other
+        prompts, e.g. just prefilled) after this cache's rows: continuous batching. The side
+        with fewer slots gets left padding in front, so every row keeps its own positions.
+        Raises NotImplementedError for a strategy without `_extend_rows`, ValueError for a
+        cache that does not match (nothing changes then)."""
+        if type(other) is not type(self) or other.options() != self.options():
+            raise ValueError(f"extend_rows needs a {type(self).__name__} with options {self.options()}, "
+                             f"got {type(other).__name__}")
+        if self._layout is None or other._layout is None:
+            raise ValueError("extend_rows joins caches that both hold tokens")
+        if self._layout[1:] != other._layout[1:]:
+            raise ValueError(f"extend_rows: layouts differ beyond the row count: {self._layout} and {other._layout}")
+        if type(self)._extend_rows is Cache._extend_rows:
+            raise NotImplementedError(f"{type(self).__name__} cannot take rows into a running batch (no _extend_rows)")
+        width = max(self.offset, other.offset)
+        mine = self.row_padding or (0,) * self._layout[0]
+        theirs = other.row_padding or (0,) * other._layout[0]
+        padding = tuple(p + width - self.offset for p in mine) + tuple(p + width - other.offset for p in theirs)
+        if any(padding) and ragged_refusal(type(self)):
+            raise ValueError(ragged_refusal(type(self)))
+        self._extend_rows(other, width, padding)
+        self.offset = width
+        self._layout = (len(padding), *self._layout[1:])
+        self.row_padding = padding if any(padding) else None
+        self.padding = mx.array(padding, dtype=mx.int32) if any(padding) else None
+        self._fetched = None
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (indices, in the order given): finished generations leave the batch
+        and stop costing work. Raises NotImplementedError for a strategy without `_select_rows`."""
+        held = self.rows
+        rows = list(rows)
+        if held is None:
+            raise ValueError("select_rows needs a cache that holds rows (nothing stored yet)")
+        if not rows or len(set(rows)) != len(rows) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and 0 <= r < held for r in rows):
+            raise ValueError(f"rows must be distinct ints in [0, {held}), at least one; got {rows!r}")
+        if type(self)._select_rows is Cache._select_rows:
+            raise NotImplementedError(f"{type(self).__name__} cannot drop rows (no _select_rows)")
+        if rows == list(range(held)):
+            return
+        if self._layout is not None:
+            self._select_rows(mx.array(rows, dtype=mx.int32))
+            self._layout = (len(rows), *self._layout[1:])
+        if self.row_padding is not None:
+            self.row_padding = tuple(self.row_padding[r] for r in rows)
+            self.padding = mx.array(self.row_padding, dtype=mx.int32)
+        self._fetched = None
 
     @property
     def keys_in_order(self) -> bool:
@@ -172,6 +322,13 @@ class Cache:
         returns, under its reference's mask plus the positional bias."""
         keys, values = self.update_and_fetch(keys, values)
         fetched = self._fetched
+        if self.padding is not None:
+            # Ragged rows: each row's own positions, padding hidden, and always the reference's
+            # mask (`causal` promises plain causal visibility of the padded sequence, which a
+            # strategy grown for the padding, like rotating's extra slots, no longer keeps).
+            return scaled_dot_product_attention(
+                queries, keys, values, scale=scale, q_positions=q_positions,
+                k_positions=self.fetched_positions(), reference=self.reference, bias=bias)
         if fetched.causal and bias is None and queries.shape[2] == 1:
             return fast_sdpa(queries, keys, values, scale=scale)  # one query sees every key
         positions = fetched.positions() if callable(fetched.positions) else fetched.positions
@@ -267,6 +424,8 @@ class Cache:
         except TypeError as error:
             raise ValueError(f"{type(self).__name__} options cannot be saved as JSON: {error}") from None
         meta = {"offset": str(self.offset), "options": options}
+        if self.row_padding is not None:
+            meta["padding"] = json.dumps(list(self.row_padding))
         if self._layout is not None:
             B, H, Dk, Dv, dtype = self._layout
             meta["layout"] = json.dumps([B, H, Dk, Dv, str(dtype).removeprefix("mlx.core.")])
@@ -283,11 +442,14 @@ class Cache:
             options = json.loads(meta_state.get("options", "{}"))
             offset = int(meta_state["offset"])
             layout = json.loads(meta_state["layout"]) if "layout" in meta_state else None
+            padding = json.loads(meta_state["padding"]) if "padding" in meta_state else None
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"corrupt {cls.__name__} metadata: {error}") from None
         if not isinstance(options, dict) or offset < 0:
             raise ValueError(f"corrupt {cls.__name__} metadata: options {options!r}, offset {offset}")
         cache = cls(**options)
+        if padding is not None:
+            cache.prepare_rows(padding)
         state = tuple(state)
         if not state and offset:
             raise ValueError(f"{cls.__name__} state has no arrays but offset {offset}")
@@ -317,6 +479,9 @@ class Cache:
         if keys.dtype != values.dtype:
             raise TypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must share a dtype")
         layout = (keys.shape[0], keys.shape[1], keys.shape[3], values.shape[3], keys.dtype)
+        rows = self.rows
+        if self._layout is None and rows is not None and keys.shape[0] != rows:
+            raise ValueError(f"{type(self).__name__} was prepared for {rows} rows; got B={keys.shape[0]}")
         if self._layout is not None and layout != self._layout:
             B, H, Dk, Dv, dt = self._layout
             raise ValueError(
@@ -339,6 +504,9 @@ class Cache:
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
         """mlx-lm's hook: the mask for the next N queries, computed before the update."""
+        if self.padding is not None:
+            raise NotImplementedError("ragged rows (left padding) serve kvzoo models, whose top "
+                                      "computes each row's positions; mlx-lm models take one offset")
         positions, causal = self._upcoming(N)
         reference = EXACT if causal else self.reference
         if positions is None and reference.causal and window_size is None and not return_array:
@@ -360,3 +528,19 @@ class Cache:
             return True
         except ValueError:
             return False
+
+
+def ragged_refusal(cls: type) -> Optional[str]:
+    """Why cache class `cls` cannot serve ragged (left-padded) rows, or None when it can (it
+    was registered with `ragged=True`)."""
+    declared = getattr(cls, "conformance", None)
+    ragged = getattr(declared, "ragged", False)
+    if ragged is True:
+        return None
+    name = getattr(cls, "name", "") or cls.__name__
+    reason = ragged if isinstance(ragged, str) else (
+        "it does not declare ragged support; a strategy whose storage follows slots can "
+        "register with ragged=True (see caches/base.py, Rows)")
+    return (f"cache {name!r} cannot serve a batch of prompts of different lengths: {reason}. "
+            f"Use prompts of one length, batch size 1, or a cache that can "
+            f"(concat, preallocated, rotating, quantized)")

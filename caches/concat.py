@@ -8,7 +8,7 @@ from .base import Cache
 from .registry import register
 
 
-@register("concat")
+@register("concat", ragged=True)
 class ConcatCache(Cache):
     """Keys and values grow by concatenation (mlx-lm's ConcatenateKVCache).
 
@@ -38,6 +38,12 @@ class ConcatCache(Cache):
         if keys.shape[2] != self.offset:
             raise ValueError(f"concat cache state holds {keys.shape[2]} tokens, its offset says {self.offset}")
         self.keys, self.values = keys, values
+
+    def _select_rows(self, index):
+        self._take_rows(index, "keys", "values")
+
+    def _extend_rows(self, other, width, padding):
+        self._stack_rows(other, width, "keys", "values")
 
     def _trim(self, n):
         self.keys = self.keys[..., : self.offset - n, :]

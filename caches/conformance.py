@@ -10,6 +10,9 @@ uncached forward over the whole sequence under the cache's `Reference` and compa
 at every position and the greedy choice at every decode step. It also drives one layer's cache
 directly (`check_storage`): the keys it returns must be the ones written at the positions it
 reports, and trimmed tokens must be gone, so a cache cannot pass by luck of the model's weights.
+For a cache that declares ragged rows (`register(..., ragged=True)`) it also runs a batch of
+three left-padded rows of different lengths (`check_rows`): each row's logits must be that
+row's uncached forward alone.
 
 A reference that rounds (quantized) is discontinuous, so float noise between the chunked and
 the uncached forward (a BLAS sums in a different order for a different number of rows) can
@@ -27,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from .base import Cache
+from .base import Cache, ragged_refusal
 from .reference import StoredReference
 
 DEFAULT_TOLERANCE = 1e-4  # fp32
@@ -52,6 +55,8 @@ class Report:
     problem: Optional[str] = None  # why the stored values are not the reference's rounding
     # What `check_storage` found: the cache returning other keys than it says it returns.
     storage: list[str] = field(default_factory=list)
+    # What `check_rows` found (caches that declare ragged rows): rows that differ from alone.
+    rows: list[str] = field(default_factory=list)
 
     @property
     def exact_diff(self) -> float:
@@ -65,7 +70,7 @@ class Report:
     def ok(self) -> bool:
         """Exact against the reference: logits within tolerance, greedy equal up to ties."""
         greedy_ok = self.greedy_agree + self.ties == self.greedy_steps
-        return self.exact_diff <= self.tolerance and greedy_ok and not self.storage
+        return self.exact_diff <= self.tolerance and greedy_ok and not self.storage and not self.rows
 
 
 def check(
@@ -134,7 +139,56 @@ def check(
         rounding_flips=flips,
         problem=problem,
         storage=storage,
+        rows=check_rows(model, make_cache, [prompt, prompt[: max(1, len(prompt) // 2)], prompt[-1:]],
+                        tolerance=tolerance) if ragged_refusal(type(cache[0])) is None else [],
     )
+
+
+def check_rows(model: Any, make_cache: Callable[[], Sequence[Cache]], rows: Sequence[Sequence[int]], *,
+               chunks: Optional[Sequence[int]] = None, decode: int = 4, pad_token: int = 0,
+               tolerance: float = DEFAULT_TOLERANCE) -> list[str]:
+    """Feed `rows` (token lists of different lengths) left-padded as one batch through a fresh
+    cache (`prepare_rows`), chunked as `chunks` (default: one chunk), then decode `decode`
+    greedy tokens per row; each row's logits at every real position must be the uncached
+    forward of that row alone under the cache's reference (for a rounding reference: over the
+    values the cache stored for that row, up to rounding-boundary flips). Returns the problems
+    ([] when every row is its own)."""
+    rows = [[int(t) for t in r] for r in rows]
+    width = max(len(r) for r in rows)
+    padding = [width - len(r) for r in rows]
+    chunks = list(chunks) if chunks is not None else [width]
+    cache = list(make_cache())
+    for c in cache:
+        c.prepare_rows(padding)
+    tokens = mx.array([[pad_token] * p + r for p, r in zip(padding, rows)], dtype=mx.int32)  # [B, width]
+    outputs, start = [], 0
+    for size in chunks:
+        outputs.append(model(tokens[:, start : start + size], cache))
+        start += size
+    sequences = [list(r) for r in rows]
+    for _ in range(decode):
+        step = mx.argmax(outputs[-1][:, -1], axis=-1).tolist()
+        for r, t in zip(sequences, step):
+            r.append(int(t))
+        outputs.append(model(mx.array(step, dtype=mx.int32)[:, None], cache))
+    cached = mx.concatenate(outputs, axis=1)  # [B, width + decode, V]
+    mx.eval(cached)
+    reference = cache[0].reference
+    problems = []
+    for b, (pad, sequence) in enumerate(zip(padding, sequences)):
+        got = cached[b, pad:]
+        alone = model(mx.array([sequence], dtype=mx.int32), reference=reference)[0]
+        diff = mx.abs(got - alone).max().item()
+        if diff > tolerance and reference.rounds and cache[0].stored_kv() is not None:
+            stored = [tuple(a[b : b + 1, :, pad:] for a in c.stored_kv()) for c in cache]
+            oracle = StoredReference(reference, stored)
+            diff = mx.abs(got - model(mx.array([sequence], dtype=mx.int32), reference=oracle)[0]).max().item()
+            if oracle.flips()[1] is not None:
+                diff = float("inf")
+        if diff > tolerance:
+            problems.append(f"row {b} of {len(rows)} (left padding {pad}) differs from that row alone by "
+                            f"{diff:.3g} (tolerance {tolerance:g})")
+    return problems
 
 
 def _against_stored(model, cache, sequence, cached) -> tuple[Optional[float], int, Optional[str], Any]:

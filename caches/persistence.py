@@ -4,7 +4,8 @@
     cache, metadata = caches.load("prompt.safetensors")
 
 The file holds each layer's `state` arrays (tensors `layer.<i>.<j>`) and, in the safetensors
-metadata, each layer's registry name and `meta_state`, plus a checksum of every array. Loading
+metadata, each layer's registry name and `meta_state`, plus a checksum of every array and the
+fingerprint of the model that filled it (a loaded cache continues only with that model). Loading
 finds each class through the registry (`caches.get(name).from_state(...)`), so any registered
 cache, a user's own included, round-trips; a loaded cache continues generation bit-exactly.
 """
@@ -69,6 +70,13 @@ def save(
         described.append({"cache": name, "meta": meta, "arrays": len(state)})
     mx.eval(list(arrays.values()))
 
+    fingerprints = {layer.model_fingerprint for layer in layers}
+    if len(fingerprints) > 1:
+        raise ValueError("the layers' caches were filled by different models (their model "
+                         "fingerprints differ); save one model's cache")
+    fingerprint = fingerprints.pop()
+    if fingerprint is not None:  # which model filled it (zoo/fingerprint.py): checked on use
+        metadata[RESERVED + "model_fingerprint"] = fingerprint
     metadata[RESERVED + "format"] = FORMAT
     metadata[RESERVED + "layers"] = json.dumps(described)
     metadata[RESERVED + "checksum"] = _checksum(arrays)
@@ -124,6 +132,9 @@ def load(path: Union[str, Path]) -> tuple[list[Cache], dict[str, str]]:
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: layer {i} ({d['cache']}) cannot be rebuilt: "
                              f"{type(error).__name__}: {error}") from None
+    fingerprint = metadata.get(RESERVED + "model_fingerprint")
+    for layer in layers:
+        layer.model_fingerprint = fingerprint  # the model that may continue it (checked on use)
     user = {k: v for k, v in metadata.items() if not k.startswith(RESERVED)}
     return layers, user
 

@@ -14,7 +14,7 @@ def _examples(head_dim: int, seq_len: int) -> list[dict]:
     return [{}, {"step": 3}, {"capacity": seq_len}]
 
 
-@register("preallocated", examples=_examples)
+@register("preallocated", examples=_examples, ragged=True)
 class PreallocatedCache(Cache):
     """Keys and values written in place into a buffer (mlx-lm's KVCache).
 
@@ -36,14 +36,16 @@ class PreallocatedCache(Cache):
             )
         self.step = step
         self.capacity = capacity
+        self._slots = capacity  # capacity + the largest left padding of a ragged batch
         self.keys = None
         self.values = None
 
     def _check(self, keys, values):
         held, L = self.offset, keys.shape[2]
-        if self.capacity is not None and held + L > self.capacity:
+        if self._slots is not None and held + L > self._slots:
             raise ValueError(
-                f"preallocated cache is full: capacity {self.capacity} tokens, holds {held}, "
+                f"preallocated cache is full: capacity {self.capacity} tokens"
+                f"{'' if self._slots == self.capacity else f' (+ {self._slots - self.capacity} slots of left padding)'}, holds {held}, "
                 f"cannot add {L}; build it with a larger capacity, or capacity=None to grow"
             )
 
@@ -58,7 +60,7 @@ class PreallocatedCache(Cache):
     def _grow(self, keys, values):
         """Make room for `keys`' L tokens: capacity slots at once, else whole steps."""
         B, H, L, Dk = keys.shape
-        slots = self.capacity if self.capacity is not None else (self.step + L - 1) // self.step * self.step
+        slots = self._slots if self._slots is not None else (self.step + L - 1) // self.step * self.step
         new_k = mx.zeros((B, H, slots, Dk), keys.dtype)
         new_v = mx.zeros((B, H, slots, values.shape[3]), values.dtype)
         if self.keys is None:
@@ -85,6 +87,19 @@ class PreallocatedCache(Cache):
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def _prepare_rows(self, padding):
+        """A capacity counts each row's tokens: the padded rows get that many slots more."""
+        if self.capacity is not None:
+            self._slots = self.capacity + max(padding)
+
+    def _select_rows(self, index):
+        self._take_rows(index, "keys", "values")
+
+    def _extend_rows(self, other, width, padding):
+        if self.capacity is not None:  # every row can still hold `capacity` tokens
+            self._slots = self.capacity + max(padding)
+        self._stack_rows(other, width, "keys", "values")
 
     def _trim(self, n):
         pass  # the slots past the new offset are overwritten by the next update

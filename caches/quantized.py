@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .attention import Bias
+from .attention import Bias, visibility
 from .base import Cache
 from .reference import Reference
 from .registry import register
@@ -133,7 +133,7 @@ def _reference(cache: "QuantizedCache") -> QuantizedReference:
     return QuantizedReference(cache.bits, cache.group_size, cache.key_bits, cache.value_bits)
 
 
-@register("quantized", reference=_reference, examples=_examples, exact=False)
+@register("quantized", reference=_reference, examples=_examples, exact=False, ragged=True)
 class QuantizedCache(Cache):
     """Keys and values as `bits`-bit integers with a scale and bias per `group_size` features.
 
@@ -242,9 +242,9 @@ class QuantizedCache(Cache):
             scores = mx.quantized_matmul(q, *q_keys, transpose=True, group_size=self.group_size,
                                          bits=self.key_bits)  # [B, Hkv, n_rep, L, S]
         S = scores.shape[-1]
-        if L > 1 or bias is not None:
+        if L > 1 or bias is not None or self.padding is not None:
             k_positions = self.fetched_positions()
-            mask = self.reference.mask(q_positions, k_positions)  # [L, S] or [B, L, S]
+            mask = visibility(self.reference, q_positions, k_positions)  # [L, S] or [B, L, S]
             if mask.ndim == 3:
                 mask = mask[:, None, None]  # [B, 1, 1, L, S]
             if bias is not None:
@@ -304,6 +304,12 @@ class QuantizedCache(Cache):
         if self.keys is None:
             return 0
         return sum(a.nbytes for a in self.keys + self.values)
+
+    def _select_rows(self, index):
+        self._take_rows(index, "keys", "values")
+
+    def _extend_rows(self, other, width, padding):
+        self._stack_rows(other, width, "keys", "values")
 
     def _trim(self, n):
         pass  # slots past the new offset are overwritten by the next update

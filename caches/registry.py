@@ -13,6 +13,9 @@ What a cache declares for verification is declared here, once, beside its name:
   the cache cannot serve it; default `[{}]`, the defaults);
 - `exact`: True when the cache reproduces the true model for every sequence, False when never,
   or a function of (seq_len, **options) for "sometimes" (default True).
+- `ragged`: True when the cache serves ragged batches (rows left-padded to one length, see
+  caches/base.py "Rows"); False (the default) or a string saying why not, and a batch of
+  prompts of different lengths is refused with that reason.
 
 The property test, `kvzoo check`, `kvzoo bench` and `kvzoo study` read only these, so a newly
 registered cache is covered everywhere with no other edit.
@@ -37,6 +40,7 @@ class Conformance:
     reference: Callable[[Cache], Reference] = lambda cache: EXACT
     examples: Callable[[int, int], list[dict[str, Any]]] = lambda head_dim, seq_len: [{}]
     exact: Union[bool, Callable[..., bool]] = True
+    ragged: Union[bool, str] = False
 
 
 def _check(name: str, cls: Any) -> None:
@@ -53,6 +57,7 @@ def register(
     reference: Optional[Callable[[Cache], Reference]] = None,
     examples: Optional[Callable[[int, int], list[dict[str, Any]]]] = None,
     exact: Union[bool, Callable[..., bool]] = True,
+    ragged: Union[bool, str] = False,
 ) -> Callable[[type[Cache]], type[Cache]]:
     """Class decorator: make a Cache subclass available as `name`, with what it declares for
     verification (module docstring)."""
@@ -60,7 +65,10 @@ def register(
         reference=reference or Conformance.reference,
         examples=examples or Conformance.examples,
         exact=exact,
+        ragged=ragged,
     )
+    if not (ragged is True or ragged is False or (isinstance(ragged, str) and ragged)):
+        raise TypeError(f"caches.register({name!r}): ragged must be True, False or a reason (str), got {ragged!r}")
 
     def add(cls: type[Cache]) -> type[Cache]:
         CACHES.add(name, cls)

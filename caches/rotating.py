@@ -53,8 +53,11 @@ def _examples(head_dim: int, seq_len: int) -> list[dict]:
     ]
 
 
+DEFAULT_KEEP = 4  # attention sinks when keep is not given (at most max_size - 1)
+
+
 @register("rotating", reference=lambda cache: WindowReference(cache.max_size, cache.keep),
-          examples=_examples, exact=lambda seq_len, max_size, keep: seq_len <= max_size)
+          examples=_examples, exact=lambda seq_len, max_size, keep: seq_len <= max_size, ragged=True)
 class RotatingCache(Cache):
     """At most `max_size` tokens: the first `keep` (attention sinks) and the last
     `max_size - keep` (mlx-lm's RotatingKVCache, exact for every prefill chunking).
@@ -69,9 +72,11 @@ class RotatingCache(Cache):
 
     step = 256
 
-    def __init__(self, max_size: int = 4096, keep: int = 4) -> None:
+    def __init__(self, max_size: int = 4096, keep: Optional[int] = None) -> None:
         super().__init__()
         _check_int("max_size", max_size, 1)
+        if keep is None:  # the default: 4 sinks, fewer when the window is too small for them
+            keep = min(DEFAULT_KEEP, max_size - 1)
         _check_int("keep", keep, 0)
         if keep >= max_size:
             raise ValueError(
@@ -81,26 +86,42 @@ class RotatingCache(Cache):
         self.max_size = max_size
         self.keep = keep
         self.window = max_size - keep  # W: ring slots for the most recent tokens
+        # Slots in storage: max_size and keep, each grown by the largest left padding of a
+        # ragged batch (_prepare_rows), so that every row's sinks stay stored.
+        self._slots, self._sinks = max_size, keep
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
 
     # -- storage ---------------------------------------------------------------------------
+    def _prepare_rows(self, padding):
+        """Rows left-padded by up to P slots: row b's sinks (its positions 0..keep-1) sit at
+        slots padding[b]..padding[b]+keep-1 of the padded sequence. So the first keep + P slots
+        are kept as sinks and the ring keeps its W slots: every row still holds its sinks and
+        its last W tokens; what else is stored (padding, a row's tokens past its window) is
+        hidden by the mask, WindowReference on each row's own positions. P more slots per row:
+        the padding's cost."""
+        extra = max(padding)
+        self._slots, self._sinks = self.max_size + extra, self.keep + extra
+
+    def _select_rows(self, index):
+        self._take_rows(index, "keys", "values")
+
     def _slot(self, position: int) -> int:
-        if position < self.keep:
+        if position < self._sinks:
             return position
-        return self.keep + (position - self.keep) % self.window
+        return self._sinks + (position - self._sinks) % self.window
 
     @property
     def wrapped(self) -> bool:
         """True once a token has left the window (then slots are out of time order)."""
-        return self.offset > self.max_size
+        return self.offset > self._slots
 
     def _reserve(self, slots: int, keys: mx.array, values: mx.array) -> None:
         """Make the buffer hold at least `slots` slots (grown by `step`, capped at max_size)."""
         have = 0 if self.keys is None else self.keys.shape[2]
         if slots <= have:
             return
-        size = min(self.max_size, (slots + self.step - 1) // self.step * self.step)
+        size = min(self._slots, (slots + self.step - 1) // self.step * self.step)
         B, H, _, Dk = keys.shape
         new_k = mx.zeros((B, H, size - have, Dk), keys.dtype)
         new_v = mx.zeros((B, H, size - have, values.shape[3]), values.dtype)
@@ -116,7 +137,7 @@ class RotatingCache(Cache):
         position, index, L = first_position, 0, keys.shape[2]
         while index < L:  # at most three contiguous pieces: sinks, ring end, ring start
             slot = self._slot(position)
-            end = self.keep if position < self.keep else self.max_size
+            end = self._sinks if position < self._sinks else self._slots
             n = min(L - index, end - slot)
             self.keys[..., slot : slot + n, :] = keys[..., index : index + n, :]
             self.values[..., slot : slot + n, :] = values[..., index : index + n, :]
@@ -124,13 +145,13 @@ class RotatingCache(Cache):
 
     def _append(self, keys, values):
         prev, L = self.offset, keys.shape[2]
-        if prev + L <= self.max_size or L == 1:
+        if prev + L <= self._slots or L == 1:
             # Fits before the wrap, or one decoded token: write in place, return the buffer.
-            self._reserve(min(prev + L, self.max_size), keys, values)
+            self._reserve(min(prev + L, self._slots), keys, values)
             self._write(prev, keys, values)
-            n = min(prev + L, self.max_size)
+            n = min(prev + L, self._slots)
             stored_k, stored_v = self.keys[..., :n, :], self.values[..., :n, :]
-            if prev + L <= self.max_size:
+            if prev + L <= self._slots:
                 return stored_k, stored_v  # positions 0..prev+L-1 in order; nothing hidden
             # One query over the whole ring: it sees every stored slot.
             return Fetched(stored_k, stored_v, lambda: self._ring_positions(prev + 1), causal=True)
@@ -144,8 +165,8 @@ class RotatingCache(Cache):
         and the last W tokens are stored.
         """
         prev, L = self.offset, keys.shape[2]
-        n_sinks = min(self.keep, prev)
-        first = min(prev, max(self.keep, prev - self.window + 1))  # oldest window token it sees
+        n_sinks = min(self._sinks, prev)
+        first = min(prev, max(self._sinks, prev - self.window + 1))  # oldest window token it sees
         pieces_k, pieces_v = [], []
         if self.keys is not None:
             for start, stop in [(0, n_sinks)] * (n_sinks > 0) + self._ring_runs(first, prev):
@@ -157,11 +178,11 @@ class RotatingCache(Cache):
 
         # Store: new sinks (positions < keep), then the last W positions of the sequence.
         end = prev + L
-        self._reserve(self.max_size, keys, values)
-        if prev < self.keep:
-            n = min(self.keep, end) - prev
+        self._reserve(self._slots, keys, values)
+        if prev < self._sinks:
+            n = min(self._sinks, end) - prev
             self._write(prev, keys[..., :n, :], values[..., :n, :])
-        tail = max(self.keep, end - self.window, prev)  # first new position the window keeps
+        tail = max(self._sinks, end - self.window, prev)  # first new position the window keeps
         if tail < end:
             self._write(tail, keys[..., tail - prev :, :], values[..., tail - prev :, :])
         return Fetched(out_k, out_v, positions, causal=False)
@@ -169,8 +190,8 @@ class RotatingCache(Cache):
     def _chunk_positions(self, prev: int, L: int) -> mx.array:
         """Positions a chunk of L tokens after `prev` fetches: sinks, the W-1 stored tokens
         before it that its first query still sees, then the chunk itself."""
-        n_sinks = min(self.keep, prev)
-        first = min(prev, max(self.keep, prev - self.window + 1))  # oldest window token it sees
+        n_sinks = min(self._sinks, prev)
+        first = min(prev, max(self._sinks, prev - self.window + 1))  # oldest window token it sees
         return mx.concatenate([
             mx.arange(n_sinks, dtype=mx.int32),
             mx.arange(first, prev + L, dtype=mx.int32),  # the kept window, then the chunk
@@ -182,10 +203,10 @@ class RotatingCache(Cache):
             return []
         start = self._slot(first)
         n = stop - first
-        head = min(n, self.max_size - start)
+        head = min(n, self._slots - start)
         runs = [(start, start + head)]
         if head < n:
-            runs.append((self.keep, self.keep + n - head))
+            runs.append((self._sinks, self._sinks + n - head))
         return runs
 
     def _ring_positions(self, offset: int) -> mx.array:
@@ -193,14 +214,14 @@ class RotatingCache(Cache):
         # Ring slot keep + r holds the latest position p <= offset-1 with (p - keep) % W == r.
         last = offset - 1
         r = mx.arange(self.window, dtype=mx.int32)
-        ring = last - (last - self.keep - r) % self.window  # last - keep - r >= 0 once wrapped
-        return mx.concatenate([mx.arange(self.keep, dtype=mx.int32), ring])
+        ring = last - (last - self._sinks - r) % self.window  # last - keep - r >= 0 once wrapped
+        return mx.concatenate([mx.arange(self._sinks, dtype=mx.int32), ring])
 
     def _positions(self):
         return self._ring_positions(self.offset) if self.wrapped else None
 
     def _upcoming(self, n: int):
-        if self.offset + n <= self.max_size:
+        if self.offset + n <= self._slots:
             return None, True
         if n == 1:
             return self._ring_positions(self.offset + 1), True
@@ -209,7 +230,7 @@ class RotatingCache(Cache):
     # -- life-cycle ------------------------------------------------------------------------
 
     def size(self) -> int:
-        return min(self.offset, self.max_size)
+        return min(self.offset, self._slots)
 
     @property
     def state(self):
@@ -221,10 +242,10 @@ class RotatingCache(Cache):
     def _restore(self, state):
         keys, values = state
         self.check_update(keys, values)
-        if keys.shape[2] != min(self.offset, self.max_size):
+        if keys.shape[2] != min(self.offset, self._slots):
             raise ValueError(
                 f"rotating cache state holds {keys.shape[2]} slots; offset {self.offset} with "
-                f"max_size {self.max_size} needs {min(self.offset, self.max_size)}")
+                f"max_size {self._slots} needs {min(self.offset, self._slots)}")
         self.keys, self.values = keys, values
 
     @property
@@ -234,11 +255,11 @@ class RotatingCache(Cache):
     def _trim_refusal(self) -> Optional[str]:
         if self.wrapped:
             return (f"once it has wrapped: it holds {self.offset} tokens' worth of positions in "
-                    f"{self.max_size} slots, so the tokens before the window are gone")
+                    f"{self._slots} slots, so the tokens before the window are gone")
         return None
 
     def trim_horizon(self) -> Optional[int]:
-        return self.max_size if not self.wrapped else 0
+        return self._slots if not self.wrapped else 0
 
     def _trim(self, n):
         pass  # before the wrap, slots past the new offset are simply overwritten later

@@ -14,6 +14,9 @@ MLX use it; loading it after changes nothing.
     "off"             keep the BLAS MLX ships with
     a path            load that library (it must export cblas_sgemm)
 
+With a fast BLAS, one-row products (decode) also go through its sgemv via kvzoo's gemv shim
+(kvzoo/gemv.py; `KVZOO_GEMV=off` keeps them on sgemm).
+
 `caches`, `positional` and `sampling` never import `zoo`, so a program that imports one of them
 (or `mlx.core`, or `mlx_lm`) before `zoo` gets MLX's own BLAS; `choice()` then says so
 ("mlx imported before zoo") instead of pretending. Results are the same either way up to float
@@ -38,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from kvzoo import gemv
+
 ENV_VAR = "KVZOO_BLAS"
 THREADS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
@@ -51,6 +56,8 @@ class BlasChoice:
     how: str  # how it was chosen, for people
     threads: Optional[int] = None  # OpenBLAS threads, when known
     config: Optional[str] = None  # OpenBLAS's build string (version, core type)
+    gemv: Optional[str] = None  # path of the gemv shim serving cblas_sgemm, when active
+    gemv_how: str = "no fast BLAS"  # why the shim is or is not active, for people
 
     def describe(self) -> str:
         name = "fast BLAS" if self.fast else "MLX's bundled BLAS"
@@ -59,11 +66,15 @@ class BlasChoice:
             parts.append(self.config.strip())
         if self.threads:
             parts.append(f"{self.threads} thread{'s' if self.threads > 1 else ''}")
+        if self.fast:
+            parts.append(f"one-row products: {'sgemv via the gemv shim' if self.gemv else 'sgemm'}"
+                         f" ({self.gemv_how})")
         return " | ".join(parts)
 
 
 _choice: Optional[BlasChoice] = None
 _handle: Optional[ctypes.CDLL] = None
+_shim: Optional[gemv.Shim] = None
 
 
 def choice() -> BlasChoice:
@@ -73,7 +84,7 @@ def choice() -> BlasChoice:
 
 def setup() -> BlasChoice:
     """Load a fast BLAS globally if allowed and possible; idempotent. Never raises."""
-    global _choice, _handle
+    global _choice, _handle, _shim
     if _choice is not None:
         return _choice
     request = os.environ.get(ENV_VAR, "auto").strip()
@@ -103,19 +114,21 @@ def setup() -> BlasChoice:
         path, how = request, f"{ENV_VAR}={request}"
     threads = _default_threads()
     try:
-        _handle = _load_global(path, threads)
+        _handle, _shim, gemv_how = _load_global(path, threads)
     except OSError as error:
         warnings.warn(f"kvzoo: could not load BLAS {path!r} ({error}); using MLX's bundled BLAS",
                       RuntimeWarning, stacklevel=2)
         _choice = BlasChoice(False, bundled_blas(), f"{how}, but loading failed: {error}")
         return _choice
     _choice = BlasChoice(True, _library_path(_handle, path), how, _openblas_threads(_handle),
-                         _openblas_config(_handle))
+                         _openblas_config(_handle), _shim.path if _shim else None, gemv_how)
     return _choice
 
 
-def _load_global(path: str, threads: Optional[int]) -> ctypes.CDLL:
-    """dlopen `path` RTLD_GLOBAL after checking it exports cblas_sgemm."""
+def _load_global(path: str, threads: Optional[int]) -> tuple[ctypes.CDLL, Optional[gemv.Shim], str]:
+    """dlopen `path` RTLD_GLOBAL after checking it exports cblas_sgemm, with the gemv shim
+    (kvzoo/gemv.py) made global before it when allowed and possible.
+    Returns (the library, the shim or None, why the shim is or is not active)."""
     local = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
     if not hasattr(local, "cblas_sgemm"):
         raise OSError(f"{path} does not export cblas_sgemm, so it is not a CBLAS library")
@@ -124,9 +137,24 @@ def _load_global(path: str, threads: Optional[int]) -> ctypes.CDLL:
         if setter is not None:
             setter.argtypes = [ctypes.c_int]
             setter(threads)
+    shim, gemv_how = None, f"{gemv.ENV_VAR}=off"
+    if gemv.requested():
+        try:
+            shim = gemv.load(local)
+            gemv_how = shim.origin
+        except OSError as error:
+            gemv_how = (f"gemv shim unavailable: {error}; one-row products use sgemm "
+                        "(install a C compiler, or reinstall kvzoo with one)")
     # A second dlopen with RTLD_GLOBAL promotes the loaded library into the global scope, so
-    # libmlx's cblas_sgemm resolves to it when mlx.core is imported.
-    return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    # libmlx's cblas_sgemm resolves to it when mlx.core is imported (to the shim instead when
+    # the shim was made global first: the global scope is searched in promotion order).
+    return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL), shim, gemv_how
+
+
+def shim() -> Optional[gemv.Shim]:
+    """The gemv shim serving libmlx's cblas_sgemm in this process, or None."""
+    choice()
+    return _shim
 
 
 def find_openblas() -> Optional[str]:
@@ -304,4 +332,4 @@ def measure_sgemm(n: int = 512, repeats: int = 5) -> dict:
         mx.eval(a @ b)
         times.append(time.perf_counter() - start)
     return {"n": n, "mlx_sgemm_gflops": 2.0 * n**3 / min(times) / 1e9,
-            "served_by": bound_library()}
+            "served_by": bound_library(), **gemv.measure_row_product()}

@@ -28,7 +28,7 @@ class Positional(nn.Module):
     ) -> tuple[mx.array, mx.array]:
         """Rotate queries [B, Hq, L, D] and keys [B, Hkv, L, D] by their positions (RoPE).
 
-        `positions` is contiguous: positions[..., 0] + arange(L).
+        `positions` [L] (or [B, L], each row's own) is contiguous: positions[..., 0] + arange(L).
         """
         return queries, keys
 

@@ -22,4 +22,6 @@ class LearnedPositional(Positional):
         return cls(config.max_positions, config.d_model)
 
     def embed(self, h: mx.array, positions: mx.array) -> mx.array:
+        if positions.ndim == 2:  # rows of a ragged batch: padding (negative) reads position 0
+            positions = mx.maximum(positions, 0)
         return h + self.weight[positions]

@@ -10,7 +10,6 @@ import math
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 Filter = Callable[[mx.array], mx.array]
 
@@ -54,6 +53,7 @@ def top_k_filter(top_k: int) -> Optional[Filter]:
     top_k = check_top_k(top_k)
     if top_k == 0:
         return None
+    from mlx_lm.sample_utils import apply_top_k  # lazy: importing mlx_lm loads transformers and torch (seconds)
 
     def keep_top_k(logprobs: mx.array) -> mx.array:
         if top_k >= logprobs.shape[-1]:
@@ -68,6 +68,8 @@ def top_p_filter(top_p: float) -> Optional[Filter]:
     top_p = check_top_p(top_p)
     if top_p == 1:
         return None
+    from mlx_lm.sample_utils import apply_top_p  # lazy: importing mlx_lm loads transformers and torch (seconds)
+
     return lambda logprobs: apply_top_p(logprobs, top_p)
 
 
@@ -77,4 +79,6 @@ def min_p_filter(min_p: float, min_tokens_to_keep: int = 1) -> Optional[Filter]:
     min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
     if min_p == 0:
         return None
+    from mlx_lm.sample_utils import apply_min_p  # lazy: importing mlx_lm loads transformers and torch (seconds)
+
     return lambda logprobs: apply_min_p(logprobs, min_p, min_tokens_to_keep)

@@ -9,7 +9,6 @@ import math
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors as mlx_lm_processors
 
 from .registry import LogitsProcessor, make_processor, register_processor
 
@@ -53,6 +52,8 @@ def logit_bias(bias: dict) -> LogitsProcessor:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or value == math.inf:
             raise ValueError(f"logit_bias[{token}] must be a number (or -inf to ban it), got {value!r}")
     highest = max(bias)
+    from mlx_lm.sample_utils import make_logits_processors as mlx_lm_processors  # lazy: importing mlx_lm loads transformers and torch (seconds)
+
     (add_bias,) = mlx_lm_processors(logit_bias={t: float(v) for t, v in bias.items()})
 
     def biased(tokens: mx.array, logits: mx.array) -> mx.array:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import mlx.core as mx
-from mlx_lm.sample_utils import categorical_sampling
 
 from .filters import check_temperature, min_p_filter, top_k_filter, top_p_filter
 from .registry import Sampler, register
@@ -29,14 +28,16 @@ greedy_sample.greedy = True  # deterministic: what speculative decoding verifies
 
 
 def check_seed(seed: Any) -> Optional[int]:
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be None or an int in [0, 2**64) (a uint64 random key), got {seed!r}")
     return seed
 
 
 def categorical(temp: float, seed: Optional[int] = None) -> Sampler:
     """Draw from softmax(logprobs / temp): from the global random state, or from `seed`'s own key."""
     if seed is None:
+        from mlx_lm.sample_utils import categorical_sampling  # lazy: importing mlx_lm loads transformers and torch (seconds)
+
         return lambda logprobs: categorical_sampling(logprobs, temp)
     inv = 1.0 / temp
     key = [mx.random.key(seed)]

@@ -88,8 +88,10 @@ def test_with_fast_blas_the_cache_matches_and_outputs_agree(without_fast_blas):
     assert result["max_diff"]["gpt2"] <= 1e-4 and result["max_diff"]["llama"] <= 1e-4
     info = result["info"]["blas"]
     assert info["fast"] is True
-    assert info["bound"] == os.path.realpath(library)
-    assert "openblas" in info["bound"].lower() and info["threads"] >= 1
+    # libmlx's sgemm is bound to the gemv shim when it is active (tests/test_gemv.py), else OpenBLAS
+    assert info["bound"] == (info["gemv_shim"] or os.path.realpath(library))
+    assert info["library"] == os.path.realpath(library)
+    assert "openblas" in info["library"].lower() and info["threads"] >= 1
     for family in ("gpt2", "llama"):  # same logits, whichever BLAS did the matmuls
         fast, reference = result["logits"][family], without_fast_blas["logits"][family]
         assert max(abs(a - b) for a, b in zip(fast, reference)) <= 1e-4
@@ -99,7 +101,7 @@ def test_a_library_path_can_be_chosen():
     library = require_openblas()
     done = run_python("import zoo, kvzoo.blas, json; c = kvzoo.blas.choice(); "
                       "print(json.dumps([c.fast, c.how, kvzoo.blas.bound_library()]))",
-                      KVZOO_BLAS=library)
+                      KVZOO_BLAS=library, KVZOO_GEMV="off")
     assert done.returncode == 0, done.stderr
     fast, how, bound = json.loads(done.stdout)
     assert fast and how == f"KVZOO_BLAS={library}" and bound == os.path.realpath(library)
@@ -143,4 +145,24 @@ def test_the_property_test_passes_on_the_other_blas():
     header = next(line for line in done.stdout.splitlines() if line.startswith("kvzoo BLAS:"))
     expected = "MLX's bundled BLAS" if other == "off" else f"fast BLAS: {os.path.realpath(other)}"
     assert header.startswith(f"kvzoo BLAS: {expected}"), header
+    assert " passed" in done.stdout
+
+
+def test_the_property_test_passes_on_the_other_one_row_path():
+    """The property test again on OpenBLAS with the other one-row path: plain sgemm when this
+    process's one-row products go through the gemv shim (the default with a compiler, as in CI),
+    the shim otherwise (tests/test_gemv.py checks the shim itself against numpy)."""
+    library = require_openblas()
+    if not blas.choice().fast:
+        pytest.skip("this process runs on MLX's bundled BLAS; the OpenBLAS run covers the shim")
+    other = "off" if blas.choice().gemv else "auto"
+    environment = {**os.environ, "KVZOO_BLAS": library, "KVZOO_GEMV": other}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-W", "error",
+         "tests/test_equivalence.py"],
+        capture_output=True, text=True, env=environment, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    header = next(line for line in done.stdout.splitlines() if line.startswith("kvzoo BLAS:"))
+    expected = "one-row products: sgemm (KVZOO_GEMV=off)" if other == "off" else "sgemv via the gemv shim"
+    assert expected in header, header
     assert " passed" in done.stdout

@@ -14,36 +14,9 @@ import pytest
 
 import zoo
 from helpers.assets import require_asset, require_module
+from helpers.gguf_files import rewrite
 
 PROMPT = [1, 403, 407, 261, 378, 300, 40, 365]  # BOS + a stories260K prompt's pieces
-
-
-def rewrite(source, target, convert) -> dict[str, np.ndarray]:
-    """Copy a GGUF file with gguf-py, passing each tensor's (name, float32 array) through
-    `convert` -> (array to write, raw GGML type or None). Returns what gguf-py reads back from
-    the new file for each tensor, dequantized by gguf-py: the oracle's weights."""
-    gguf = require_module("gguf")
-    reader = gguf.GGUFReader(str(source))
-    writer = gguf.GGUFWriter(str(target), arch=reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
-    for tensor in reader.tensors:
-        data, raw_type = convert(tensor.name, np.array(tensor.data, dtype=np.float32))
-        if raw_type is None:
-            writer.add_tensor(tensor.name, data)
-        else:
-            writer.add_tensor(tensor.name, data, raw_dtype=raw_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    written = gguf.GGUFReader(str(target))
-    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-            for t in written.tensors}
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "BF16"])
@@ -86,7 +59,7 @@ def test_bf16_keeps_values_float16_cannot_hold(tmp_path):
         return array, None
 
     rewrite(source, tmp_path / "b.gguf", convert)
-    model = zoo.load_model(tmp_path / "b.gguf")
+    model = zoo.load_model(tmp_path / "b.gguf", dtype=None)  # as stored (the default casts on CPU)
     weight = model.model.embed_tokens.weight
     assert weight.dtype == mx.bfloat16 and weight[0, 0].item() == pytest.approx(1.0e5, rel=1e-2)
     assert np.isfinite(np.array(model(mx.array([PROMPT])).astype(mx.float32))).all()

@@ -14,6 +14,7 @@ import sys
 import zipfile
 
 from helpers.assets import ROOT
+from kvzoo import gemv
 
 TOP_PACKAGES = ("zoo", "caches", "positional", "sampling", "kvzoo")
 
@@ -40,6 +41,11 @@ def test_the_wheel_holds_and_imports_every_package(tmp_path):
         archive.extractall(tmp_path / "site")
     in_wheel = {name.rsplit("/", 1)[0].replace("/", ".") for name in names if name.endswith("/__init__.py")}
     assert source_packages() <= in_wheel, f"missing from the wheel: {sorted(source_packages() - in_wheel)}"
+    # The optional gemv shim (setup.py) is built where a compiler is, and its source always ships
+    # for the build-at-first-use fallback (kvzoo/gemv.py).
+    assert "kvzoo/gemv_shim.c" in names
+    if sys.platform == "linux" and gemv.compiler() is not None:
+        assert any(name.startswith("kvzoo/_gemv_shim") and name.endswith(".so") for name in names), names
 
     modules = sorted(
         ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")

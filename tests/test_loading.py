@@ -131,6 +131,30 @@ def test_dtype_casts_every_weight(tmp_path):
         zoo.load_model(tmp_path / "m", dtype="float16")
 
 
+def test_the_default_dtype_is_the_devices_as_in_the_cli(tmp_path):
+    """Half-precision weights load as the device default (float32 on the CPU, where float16
+    decodes at ~0.2x: docs/performance.md), the dtype `kvzoo generate --dtype auto` picks;
+    dtype=None keeps them as stored."""
+    from mlx.utils import tree_flatten
+
+    from zoo.runtime.device import parse_dtype
+
+    half = tiny("llama")
+    half.set_dtype(mx.float16)
+    zoo.save(half, tmp_path / "m")
+    dtypes = lambda m: {a.dtype for _, a in tree_flatten(m.parameters())}  # noqa: E731
+    default = zoo.load_model(tmp_path / "m")
+    assert dtypes(default) == {parse_dtype("auto")}  # the CLI's choice
+    if mx.default_device().type == mx.DeviceType.cpu:
+        assert dtypes(default) == {mx.float32}
+    assert dtypes(zoo.load_model(tmp_path / "m", dtype=None)) == {mx.float16}
+    explicit = zoo.load_model(tmp_path / "m", dtype=parse_dtype("auto"))
+    tokens = mx.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(np.array(default(tokens)), np.array(explicit(tokens)))
+    with pytest.raises(TypeError, match="'auto', None"):
+        zoo.load_model(tmp_path / "m", dtype="fastest")
+
+
 # -- HF folder: bad input ------------------------------------------------------------------
 
 
@@ -396,10 +420,10 @@ def test_quantized_gguf_tensor_types_are_named(tmp_path):
     name = b"token_embd.weight"
     type_at = data.index(name) + len(name) + 4 + 8 * 2  # after the name: rank (u32), 2 dims (u64)
     assert struct.unpack_from("<I", data, type_at)[0] == 0  # F32
-    struct.pack_into("<I", data, type_at, 12)  # GGML Q4_K: a k-quant MLX cannot read
+    struct.pack_into("<I", data, type_at, 9)  # GGML Q8_1: an activation type no weights file holds
     (tmp_path / "q.gguf").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="'token_embd.weight' is stored as Q4_K; kvzoo reads GGUF tensors "
-                                         "stored as F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
+    with pytest.raises(ValueError, match="'token_embd.weight' is stored as Q8_1; kvzoo reads GGUF tensors "
+                                         "stored as F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K"):
         zoo.load_model(tmp_path / "q.gguf")
 
 

@@ -50,6 +50,30 @@ def test_alibi_bias_matches_bloom_after_softmax(n_heads):
     assert np.allclose(softmax(ours), softmax(bloom), atol=1e-6)
 
 
+def test_a_built_models_alibi_slopes_are_the_papers_for_eight_heads():
+    """Press et al. (2022), section 3: with 8 heads the slopes are 1/2, 1/4, ..., 1/256, head h
+    getting 2^-(h+1). Read off the bias the model itself applies, one key one step back."""
+    model = zoo.build("llama", preset="tiny", positional="alibi", n_heads=8, n_kv_heads=8, d_model=64)
+    bias = np.array(model.positional.bias(mx.array([1]), mx.array([0])))  # [H, 1, 1]
+    assert np.array_equal(bias[:, 0, 0], -np.array([2.0 ** -(h + 1) for h in range(8)], dtype=np.float32))
+
+
+@pytest.mark.parametrize("n_heads", [2, 4, 8, 16])
+def test_alibi_bias_matches_mpt_for_the_last_query(n_heads):
+    """MPT (transformers' build_mpt_alibi_tensor) writes slope_h * (k - (L-1)): for the last
+    query that is exactly -slope_h * distance, head by head (powers of two, where MPT's and
+    BLOOM's head order agree with the paper)."""
+    require_module("torch")
+    require_module("transformers")
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    L = 7
+    mpt = build_mpt_alibi_tensor(n_heads, L).numpy().reshape(n_heads, L)  # [H, L] for the last query
+    pos = mx.arange(L)
+    ours = np.array(ALiBi(n_heads).bias(pos[-1:], pos))[:, 0, :]  # [H, L]
+    assert np.allclose(ours, mpt, atol=1e-6)
+
+
 def test_alibi_bias_depends_on_absolute_positions_not_slot_order():
     scheme = ALiBi(4)
     q = mx.array([10])

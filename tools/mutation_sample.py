@@ -39,8 +39,10 @@ def module(name: str) -> str:
 def report(states: dict[str, str], sample: list[str] | None = None) -> None:
     names = sample or [n for n, s in states.items() if s != "not checked"]
     done = [n for n in names if states.get(n, "not checked") != "not checked"]
-    killed = [n for n in done if states[n] in ("killed", "timeout")]
-    print(f"{len(done)} of {len(names)} sampled mutants run; {len(killed)} killed or timed out")
+    killed = [n for n in done if states[n] == "killed"]
+    timeouts = sum(states[n] == "timeout" for n in done)
+    print(f"{len(done)} of {len(names)} sampled mutants run; {len(killed)} killed, {timeouts} timed out "
+          f"(not counted as killed)")
     if done:
         p = len(killed) / len(done)
         half = 1.96 * math.sqrt(p * (1 - p) / len(done))
@@ -48,12 +50,12 @@ def report(states: dict[str, str], sample: list[str] | None = None) -> None:
     by_module: dict[str, list[int]] = {}
     for n in done:
         counts = by_module.setdefault(module(n), [0, 0])
-        counts[0] += states[n] in ("killed", "timeout")
+        counts[0] += states[n] == "killed"
         counts[1] += 1
     for mod, (k, total) in sorted(by_module.items()):
         print(f"  {mod:24} {k}/{total}")
     for n in done:
-        if states[n] not in ("killed", "timeout"):
+        if states[n] != "killed":
             print(f"  {states[n]}: {n}")
 
 

@@ -139,18 +139,15 @@ def pytest_runtest_teardown(item, nextitem):
 '''
 
 
-def tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line and (ROOT / line).is_file()]
+def export(commit: str, dest: Path) -> None:
+    """The files of `commit` into `dest` (a commit, not the working tree: it may be mid-edit)."""
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
 
 
-def plant(bug: Bug, dest: Path) -> None:
-    """Copy the tree to `dest` and apply the bug's edits (each must match exactly once)."""
-    for name in tracked_files():
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target)
+def plant(bug: Bug, source: Path, dest: Path) -> None:
+    """Copy the exported tree to `dest` and apply the bug's edits (each must match exactly once)."""
+    shutil.copytree(source, dest, dirs_exist_ok=True)
     path = dest / bug.file
     text = path.read_text()
     for old, new in bug.edits:
@@ -162,25 +159,30 @@ def plant(bug: Bug, dest: Path) -> None:
     (dest / "planted_stop.py").write_text(PLUGIN)
 
 
-def run(bug: Bug, need: int, timeout: int) -> tuple[list[str], float]:
+def run(bug: Bug, source: Path, need: int, timeout: int) -> tuple[list[str], float, str]:
+    """(failing test ids, seconds, problem): problem is "" or why the run says nothing."""
     with tempfile.TemporaryDirectory(prefix=f"planted-{bug.name}-") as tmp:
         dest = Path(tmp)
-        plant(bug, dest)
+        plant(bug, source, dest)
         log = dest / "failures.txt"
         log.touch()
         env = dict(os.environ, PYTHONPATH=str(dest), PLANTED_NEED=str(need), PLANTED_LOG=str(log),
                    KVZOO_DATA=os.environ.get("KVZOO_DATA", str(ROOT.parent / "shared" / "data")))
         start = time.perf_counter()
+        problem = ""
         try:
-            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "planted_stop", "-p",
+            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "planted_stop", "-p",
                             "no:cacheprovider",
                             # reruns of other tests under the other BLAS / from a built wheel:
                             # not independent guards, so they do not count
                             "--ignore=tests/test_blas.py", "--ignore=tests/test_install.py"],
                            cwd=dest, env=env, capture_output=True, text=True, timeout=timeout)
+            last = (done.stdout.strip().splitlines() or [""])[-1]
+            if done.returncode not in (0, 1):  # 2 is also how a run stopped at `need` ends
+                problem = f"pytest exit {done.returncode}: {last}"
         except subprocess.TimeoutExpired:
-            pass
-        return log.read_text().split(), time.perf_counter() - start
+            problem = f"timed out after {timeout} s"
+        return log.read_text().split(), time.perf_counter() - start, problem
 
 
 def main() -> int:
@@ -189,17 +191,22 @@ def main() -> int:
     parser.add_argument("--need", type=int, default=3, help="distinct failing test functions to call a bug killed")
     parser.add_argument("--all-failures", action="store_true", help="run the whole suite per bug")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per bug")
+    parser.add_argument("--commit", default="HEAD", help="the commit whose tree gets the bugs")
     args = parser.parse_args()
     bugs = [b for b in BUGS if not args.only or args.only in b.name]
     weak = []
+    source = Path(tempfile.mkdtemp(prefix="planted-source-"))
+    export(args.commit, source)
     print(f"{'bug':28} {'functions':>9} {'cases':>6} {'s':>6}  first failing tests")
     for bug in bugs:
-        failures, seconds = run(bug, 0 if args.all_failures else args.need, args.timeout)
+        failures, seconds, problem = run(bug, source, 0 if args.all_failures else args.need, args.timeout)
         functions = sorted({f.split("[")[0] for f in failures})
         if len(functions) < args.need:
             weak.append(bug.name)
         shown = ", ".join(f.split("::")[-1] for f in functions[:4])
-        print(f"{bug.name:28} {len(functions):>9} {len(failures):>6} {seconds:>6.0f}  {shown}", flush=True)
+        print(f"{bug.name:28} {len(functions):>9} {len(failures):>6} {seconds:>6.0f}  {shown}"
+              + (f"  ({problem})" if problem and len(functions) < args.need else ""), flush=True)
+    shutil.rmtree(source)
     if weak:
         print(f"killed by fewer than {args.need} test functions: {', '.join(weak)}")
         return 1

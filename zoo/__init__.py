@@ -7,6 +7,7 @@
     for token, logprobs in zoo.generate_step(model, prompt, cache="concat"): ...
     model, tokenizer = zoo.load("stories260K.gguf")      # or an HF folder
     text = zoo.generate(model, tokenizer, "Once upon a time", max_tokens=50, temp=0.8)
+    result = zoo.batch_generate(model, tokenizer, ["Once upon a time", "A cat"], max_tokens=50)
 
 Rooms: zoo/families (one file per family, with its checkpoint mappings), zoo/checkpoints
 (load/save, HF, GGUF, mlx-lm twins), zoo/tokenizers, zoo/cli (one file per command),
@@ -28,13 +29,27 @@ from . import families  # noqa: E402,F401  (register the built-in families)
 from .checkpoints import load, load_model, save  # noqa: E402
 from .distributed import shard  # noqa: E402
 from .generate import generate_step  # noqa: E402
+from .batch_stream import BatchResult, RowStats, batch_generate, batch_stream  # noqa: E402
 from .stream import GenerationResponse, generate, stream_generate  # noqa: E402  zoo.generate: the function
-from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf  # noqa: E402
+from .tokenizers import Tokenizer, apply_chat_template, load_tokenizer, tokenizer_from_gguf  # noqa: E402
+from . import study  # noqa: E402  zoo.study(...) runs a study; zoo.study.spec, .runner, ... are its parts
+from .training import train  # noqa: E402
+from .fingerprint import ModelMismatchError, adopt_cache, fingerprint  # noqa: E402
+from .ownership import CacheInUseError  # noqa: E402
 
 __all__ = [
+    "BatchResult",
+    "RowStats",
+    "batch_generate",
+    "batch_stream",
+    "CacheInUseError",
     "CausalLM",
+    "ModelMismatchError",
+    "adopt_cache",
+    "fingerprint",
     "GenerationResponse",
     "ModelConfig",
+    "apply_chat_template",
     "available",
     "build",
     "from_config",
@@ -49,6 +64,8 @@ __all__ = [
     "save",
     "shard",
     "stream_generate",
+    "study",
     "tokenizer_from_gguf",
     "Tokenizer",
+    "train",
 ]

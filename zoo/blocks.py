@@ -72,3 +72,9 @@ def head_logits(h: mx.array, embedding: nn.Module, lm_head: Optional[nn.Module],
         return lm_head(h)
     logits = embedding.as_linear(h)
     return logits + lm_head.bias if cfg.head_bias else logits
+
+
+def make_dropout(cfg: ModelConfig) -> nn.Module:
+    """Dropout with the config's rate: active only in training mode (`model.train()`), the
+    identity in eval mode (the mode models are built in) and at rate 0. No parameters."""
+    return nn.Dropout(cfg.dropout)

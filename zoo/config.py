@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
@@ -32,6 +33,9 @@ class ModelConfig:
     projection (`out_bias`), the MLP (`mlp_bias`) and the LM head (`head_bias`).
     `sliding_window`: each query sees only the last `sliding_window` positions (itself
     included), as in Mistral; None for full causal attention.
+    `dropout`: the probability of zeroing an activation after the embeddings, each attention
+    output projection and each MLP (GPT-2's embd/resid dropout), in training mode only
+    (`model.train()`); models are built in eval mode, where it does nothing.
     """
 
     family: str
@@ -59,6 +63,7 @@ class ModelConfig:
     head_bias: bool = False
     sliding_window: Optional[int] = None
     init_std: float = 0.02
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -93,8 +98,11 @@ class ModelConfig:
             if self.positional != "rope":
                 raise ValueError(f"rope_scaling (llama3) needs positional='rope', got {self.positional!r}")
             object.__setattr__(self, "rope_scaling", llama3_scaling(self.rope_scaling))
-        if self.norm_eps <= 0 or self.init_std <= 0:
-            raise ValueError("norm_eps and init_std must be positive")
+        for name in ("norm_eps", "init_std", "rope_base", "rope_scale"):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS)):
             value = getattr(self, name)
             if value is not None and value not in allowed:
@@ -105,6 +113,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         if self.sliding_window is not None:
             positive_int("sliding_window")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
 
     @property
     def n_rep(self) -> int:

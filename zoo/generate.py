@@ -15,6 +15,7 @@ import caches
 from caches import Cache
 from sampling import Sampler, greedy_sample
 
+from . import validation
 from .model import CausalLM
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V])
@@ -66,6 +67,7 @@ def prompt_array(model: CausalLM, prompt_tokens: Any) -> mx.array:
     return tokens
 
 
+@validation.checked_at_call(validation.check_generate_arguments)  # bad arguments fail at the call
 def generate_step(
     model: CausalLM,
     prompt_tokens: Any,
@@ -85,6 +87,10 @@ def generate_step(
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs [V]) for each generated token.
 
+    prompt_tokens: one prompt (token ids), or a batch: a list of token id lists of any lengths
+    (or an int array [B, L]); a batch yields (tokens [B] as ints, logprobs [B, V]) per step, each
+    row what that prompt gives alone (zoo/batch.py; zoo.batch_generate adds per-row stops).
+
     cache: a registry name (default: `default_cache(model)`, options in `cache_options`) or a list
     of caches, one per layer; a list that already holds tokens continues from its offset.
     sampler: log-probabilities [1, V] -> token [1]; greedy by default.
@@ -97,11 +103,21 @@ def generate_step(
     prompt lookup of size `prompt_lookup`; up to `num_draft` tokens per round. Greedy output is
     identical to plain greedy decoding; sampled output has the same distribution.
     `speculative_stats` (a zoo.speculative.SpeculativeStats) collects acceptance counts.
+
+    Arguments are checked when it is called (zoo/validation.py); what the sampler and the
+    processors return is checked every step, naming the one at fault. max_tokens=0 prefills the
+    whole prompt: afterwards the cache holds exactly the tokens fed.
     """
-    if not isinstance(max_tokens, int) or max_tokens < 0:
-        raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
-    if not isinstance(prefill_step, int) or prefill_step < 1:
-        raise ValueError(f"prefill_step must be an int >= 1, got {prefill_step!r}")
+    from .batch import is_batch
+
+    if is_batch(prompt_tokens):  # a batch of prompts: zoo/batch.py, one (tokens [B], logprobs [B, V]) per step
+        from .batch import batch_generate_step
+
+        yield from batch_generate_step(
+            model, prompt_tokens, cache=cache, cache_options=cache_options, sampler=sampler,
+            logits_processors=logits_processors, max_tokens=max_tokens, prefill_step=prefill_step,
+            vocab_size=vocab_size)
+        return
     model_vocab = model.config.vocab_size
     if vocab_size is not None and not 1 <= vocab_size <= model_vocab:
         raise ValueError(f"vocab_size must be in [1, {model_vocab}] (the model's), got {vocab_size}")
@@ -123,41 +139,63 @@ def generate_step(
             padding=padding, vocab=vocab_size or model_vocab, stats=speculative_stats)
         return
 
-    def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
+    # Decode steps over preallocated caches run compiled (zoo/runtime/compiled.py; KVZOO_COMPILE=off:
+    # never): the same tokens, logits equal up to summation order, less per-token overhead.
+    from .runtime.compiled import CompiledDecoder
+
+    decoder = CompiledDecoder(model) if CompiledDecoder.wanted(model) else None
+
+    def step(tokens: mx.array) -> tuple[mx.array, mx.array, validation.Verdict, mx.array]:
         nonlocal history
-        logits = model(tokens[None], layer_caches, check_tokens=False)[:, -1, :]  # [1, V]
+        if decoder is not None and tokens.size == 1 and decoder.eligible(model, layer_caches):
+            logits = decoder(tokens, layer_caches)  # [1, V]
+        else:
+            logits = model(tokens[None], layer_caches, check_tokens=False)[:, -1, :]  # [1, V]
+        verdict = validation.Verdict()  # checked with the token: no extra synchronisation
+        verdict.model_logits(logits)
         if padding is not None:
             logits = logits + padding
         if processors:
             for process in processors:
-                logits = process(history, logits)
+                logits = validation.checked_logits(process(history, logits), process, logits.shape)
+                verdict.processed(logits, process)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
+        token = verdict.sampled(validation.checked_token(sampler(logprobs), sampler), sampler,
+                                vocab_size or model_vocab)
         if processors:
-            history = mx.concatenate([history, token.astype(mx.int32)])
-        return token, logprobs[0]
+            history = mx.concatenate([history, token])
+        return token, logprobs[0], verdict, verdict.array()
 
-    # Prefill all but the last prompt token in chunks; the last one starts decoding.
-    while prompt.size > 1:
-        n = min(prefill_step, prompt.size - 1)
+    # Prefill all but the last prompt token in chunks; the last one starts decoding
+    # (max_tokens=0: all of them, so the cache holds the whole prompt).
+    keep_last = 1 if max_tokens else 0
+    while prompt.size > keep_last:
+        n = min(prefill_step, prompt.size - keep_last)
         model(prompt[:n][None], layer_caches, check_tokens=False)
         mx.eval([c.state for c in layer_caches])
         prompt = prompt[n:]
 
     if max_tokens == 0:
         return
-    token, logprobs = step(prompt)
-    mx.async_eval(token, logprobs)
+    token, logprobs, verdict, flags = step(prompt)
+    mx.async_eval(token, logprobs, flags)
     for n in range(max_tokens):
         cannot_continue = None
+        pipelined = 0
         if n + 1 < max_tokens:
             try:
-                next_token, next_logprobs = step(token)  # built while `token` is evaluated
-                mx.async_eval(next_token, next_logprobs)
+                next_token, next_logprobs, next_verdict, next_flags = step(token)  # built while `token` is evaluated
+                mx.async_eval(next_token, next_logprobs, next_flags)
+                pipelined = 1
             except ValueError as error:  # e.g. past a learned position table: nothing written
                 cannot_continue = error
-        yield token.item(), logprobs
+        value = token.item()
+        problem = verdict.problem(flags)
+        if problem is not None:  # the pipelined step fed this token: take it back out
+            validation.rollback(layer_caches, pipelined)
+            raise ValueError(problem)
+        yield value, logprobs
         if cannot_continue is not None:
             raise cannot_continue
         if n + 1 < max_tokens:
-            token, logprobs = next_token, next_logprobs
+            token, logprobs, verdict, flags = next_token, next_logprobs, next_verdict, next_flags

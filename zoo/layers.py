@@ -22,7 +22,7 @@ Bias = Callable[[mx.array, mx.array], Optional[mx.array]]
 class Context:
     """What every layer needs to know about this forward pass, computed once at the top."""
 
-    positions: mx.array  # [L] absolute positions of the input tokens
+    positions: mx.array  # [L] absolute positions of the input tokens ([B, L]: rows of a ragged batch)
     positional: Positional
     reference: Reference  # what the uncached path must do (ignored when a cache is given)
     window: Optional[int] = None  # the model's sliding window (ModelConfig.sliding_window)

@@ -14,7 +14,9 @@ import mlx.nn as nn
 from caches import EXACT, Cache, Reference
 from positional import Positional
 
+from . import fingerprint, ownership
 from .layers import Context
+from .validation import check_in_step
 from .config import ModelConfig
 
 
@@ -64,14 +66,39 @@ class CausalLM(nn.Module):
                     f"cache has {len(cache)} entries but the model has {len(self.layers)} layers; "
                     f"build it with caches.make(name, model)"
                 )
-        offset = cache[0].offset if cache else 0
+        if not cache:
+            return self._forward(tokens, 0, None, reference, check_tokens)
+        record = ownership.claim(cache, "model forward")  # one thread per cache list
+        try:
+            offset = check_in_step(cache)  # every layer holds the same tokens
+            fingerprint.check(cache, self)  # ... and they were computed by this model
+            return self._forward(tokens, offset, cache, reference, check_tokens)
+        finally:
+            ownership.release(record)
+
+    def _forward(self, tokens: mx.array, offset: int, cache: Optional[Sequence[Cache]],
+                 reference: Optional[Reference], check_tokens: bool) -> mx.array:
         length = tokens.shape[1]
-        self.positional.check_positions(offset, length)
+        padding = cache[0].padding if cache else None  # ragged rows: int32 [B] left padding
+        if padding is not None and tokens.shape[0] != padding.shape[0]:
+            raise ValueError(f"the cache holds {padding.shape[0]} rows, tokens have B={tokens.shape[0]}")
+        self.positional.check_positions(offset - min(cache[0].row_padding) if padding is not None else offset, length)
         if check_tokens:
             check_token_range(tokens, self.config.vocab_size)
         positions = mx.arange(offset, offset + length, dtype=mx.int32)  # the only arange of positions
+        if padding is not None:
+            positions = positions - padding[:, None]  # [B, L]: each row's own; padding negative
         ctx = Context(positions, self.positional, reference or EXACT, window=self.config.sliding_window)
         return self.forward(tokens, ctx, cache or [None] * len(self.layers))
+
+    def update(self, parameters: dict, *args, **kwargs) -> "CausalLM":
+        """nn.Module.update; the weights change, so the model's fingerprint is recomputed."""
+        fingerprint.forget(self)
+        return super().update(parameters, *args, **kwargs)
+
+    def update_modules(self, modules: dict, *args, **kwargs) -> "CausalLM":
+        fingerprint.forget(self)
+        return super().update_modules(modules, *args, **kwargs)
 
     def forward(self, tokens: mx.array, ctx: Context, cache: Sequence[Optional[Cache]]) -> mx.array:
         raise NotImplementedError

@@ -82,8 +82,11 @@ def complete_config(config: ModelConfig) -> ModelConfig:
 
 
 def from_config(config: ModelConfig) -> Any:
-    """An uninitialised model of the family named in `config`."""
-    return _family(config.family)["cls"](config)
+    """An uninitialised model of the family named in `config`, in eval mode (no dropout;
+    `model.train()` turns dropout on)."""
+    model = _family(config.family)["cls"](config)
+    model.eval()
+    return model
 
 
 def build(

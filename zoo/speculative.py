@@ -39,6 +39,7 @@ import mlx.core as mx
 
 from caches import Cache
 
+from . import validation
 from .model import CausalLM
 
 
@@ -232,31 +233,57 @@ def speculative_step(
             row = logits[i:i + 1]
             seen = mx.array(history + drafts[:i], dtype=mx.int32)
             for process in logits_processors:
-                row = process(seen, row)
+                row = validation.checked_logits(process(seen, row), process, row.shape)
             rows.append(row)
         return mx.concatenate(rows, axis=0)
+
+    def verify(raw: mx.array, logits: mx.array, fed: int) -> None:
+        """Finite model logits, and at least one token possible after the processors (one
+        synchronous check per round: a round reads its tokens right away anyway); on failure
+        the round's tokens are taken back out of the cache."""
+        verdict = validation.Verdict()
+        verdict.model_logits(raw)
+        if logits_processors:
+            verdict.processed(logits, tuple(logits_processors))
+        problem = verdict.problem(verdict.array())
+        if problem is not None:
+            validation.rollback(layer_caches, fed)
+            raise ValueError(problem)
 
     def plain(n: int) -> Iterator[tuple[int, mx.array]]:
         """n tokens of plain decoding, pipelined as zoo.generate_step's (step i+1's graph is
         built while step i evaluates); the last token is not fed, as after a round."""
-        def step(token: mx.array) -> tuple[mx.array, mx.array]:
-            logits = processed(model(token[None], layer_caches, check_tokens=False)[0], [])
+        def step(token: mx.array) -> tuple[mx.array, mx.array, validation.Verdict, mx.array]:
+            raw = model(token[None], layer_caches, check_tokens=False)[0]
+            verdict = validation.Verdict()
+            verdict.model_logits(raw)
+            logits = processed(raw, [])
+            if logits_processors:
+                verdict.processed(logits, tuple(logits_processors))
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return draw(logprobs)[0:1], logprobs[0]
+            token = verdict.sampled(validation.checked_token(draw(logprobs), draw), draw, vocab)
+            return token, logprobs[0], verdict, verdict.array()
 
-        token, logprobs = step(mx.array(history[-1:], dtype=mx.int32))
-        mx.async_eval(token, logprobs)
+        token, logprobs, verdict, flags = step(mx.array(history[-1:], dtype=mx.int32))
+        mx.async_eval(token, logprobs, flags)
         for i in range(n):
+            pipelined = 0
             if i + 1 < n:
                 if logits_processors:  # they read the history as ints: wait for this token
                     history.append(token.item())
-                next_token, next_logprobs = step(token.astype(mx.int32))
-                mx.async_eval(next_token, next_logprobs)
+                next_token, next_logprobs, next_verdict, next_flags = step(token)
+                mx.async_eval(next_token, next_logprobs, next_flags)
+                pipelined = 1
                 if logits_processors:
                     history.pop()
-            yield token.item(), logprobs
+            value = token.item()
+            problem = verdict.problem(flags)
+            if problem is not None:
+                validation.rollback(layer_caches, pipelined)
+                raise ValueError(problem)
+            yield value, logprobs
             if i + 1 < n:
-                token, logprobs = next_token, next_logprobs
+                token, logprobs, verdict, flags = next_token, next_logprobs, next_verdict, next_flags
 
     draw = sampler if sampler is not None else (lambda logprobs: mx.argmax(logprobs, axis=-1))
     k_now, emitted, skip, misses = num_draft, 0, 0, 0
@@ -275,8 +302,9 @@ def speculative_step(
             skip = 0
             continue
         fed = [history[-1]] + drafts
-        logits = model(mx.array([fed], dtype=mx.int32), layer_caches, check_tokens=False)[0]  # [k+1, V]
-        logits = processed(logits, drafts)
+        raw = model(mx.array([fed], dtype=mx.int32), layer_caches, check_tokens=False)[0]  # [k+1, V]
+        logits = processed(raw, drafts)
+        verify(raw, logits, len(fed))
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if greedy:
             choice = mx.argmax(logprobs, axis=-1).tolist()

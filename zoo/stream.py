@@ -20,6 +20,7 @@ import mlx.core as mx
 import sampling
 from sampling import LogitsProcessor, Sampler
 
+from . import validation
 from .generate import CacheSpec, generate_step, make_cache, prompt_array
 from .model import CausalLM
 from .tokenizers.base import Tokenizer
@@ -123,6 +124,8 @@ def stream_generate(
         raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
     if not isinstance(prefill_step, int) or isinstance(prefill_step, bool) or prefill_step < 1:
         raise ValueError(f"prefill_step must be an int >= 1, got {prefill_step!r}")
+    validation.check_text_arguments(stop=stop, add_bos=add_bos, seed=seed)
+    check_vocabularies(model, tokenizer)
     stops = _stop_strings(stop)
     sampler = _sampling_options(sampler, dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed))
     processors = sampling.make_logits_processors(repetition_penalty=repetition_penalty,
@@ -145,6 +148,15 @@ def stream_generate(
                           logits_processors=processors, max_tokens=max_tokens,
                           prefill_step=prefill_step, vocab_size=vocab_size, **speculation)
     return _responses(steps, tokenizer, stops, max_tokens, len(prompt_ids), continuation)
+
+
+def check_vocabularies(model: CausalLM, tokenizer: Tokenizer) -> None:
+    """Refuse a tokenizer whose ids the model's embedding cannot look up (they are not a pair)."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer and the model do not match: the tokenizer has {tokenizer.vocab_size} ids "
+            f"but the model's vocabulary has {model.config.vocab_size} (ids 0..{model.config.vocab_size - 1}); "
+            f"load the tokenizer that belongs to this model")
 
 
 def _responses(steps, tokenizer: Tokenizer, stops: list[str], max_tokens: int, n_prompt: int,

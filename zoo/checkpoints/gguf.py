@@ -1,13 +1,15 @@
 """GGUF files (llama.cpp): check the file, read its llama config, and name its tensors.
 
-`mx.load(path, return_metadata=True)` reads GGUF tensors and metadata, but MLX's reader
-trusts the file: a corrupt header can crash the process. `check_file` walks the header in
-Python first (bounds-checked, nothing but the header is read) so a bad file is a ValueError.
+`check_file` walks the header in Python first (bounds-checked, nothing but the header is
+read) so a bad file is a ValueError; then tensors are read from the file's bytes and the
+metadata by gguf-py's reader.
 
-Tensor types: F32, F16, BF16, and the block-quantized Q8_0, Q4_0 and Q4_1 (32 values per
-block), which are dequantized to float32 at load exactly as llama.cpp dequantizes them; the
-model then runs unquantized. BF16 is read here rather than by MLX, whose GGUF reader turns it
-into float16 (bf16's range does not fit: large values become inf).
+Tensor types: F32, F16, BF16, and the block-quantized types llama.cpp's Python package
+gguf-py dequantizes (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q2_K..Q6_K, IQ4_NL, IQ4_XS and
+the other i-quants), dequantized to float32 at load by `gguf.quants.dequantize`; the model then
+runs unquantized, or is requantized to MLX's format (`zoo.checkpoints.quantized.quantize`,
+`kvzoo convert --bits`). BF16 is read here rather than by MLX, whose GGUF reader turns it into
+float16 (bf16's range does not fit: large values become inf).
 
 llama.cpp's converter permutes the rows of q/k projections so that consecutive features form
 RoPE pairs (its "interleaved" layout). GGUF models therefore run with `rope_traditional=True`;
@@ -34,18 +36,41 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 
-# Tensor types kvzoo reads: GGML type id -> (name, values per block, bytes per block, bits
-# when MLX returns it block-quantized). Every other type is named in the error.
-READ_TYPES = {
-    0: ("F32", 1, 4, None), 1: ("F16", 1, 2, None), 30: ("BF16", 1, 2, None),
-    8: ("Q8_0", 32, 34, 8), 2: ("Q4_0", 32, 18, 4), 3: ("Q4_1", 32, 20, 4),
-}
+# Tensor types kvzoo reads: GGML type id -> (name, values per block, bytes per block). The float
+# types are read directly; every block-quantized type gguf-py dequantizes (llama.cpp's reference
+# code, ported: gguf.quants) is dequantized by it to float32. Every other type is named in the error.
+FLOAT_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2)}
+QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                   "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M",
+                   "TQ1_0", "TQ2_0")
+
+
+def _read_types() -> dict[int, tuple[str, int, int]]:
+    """FLOAT_TYPES plus the quantized types this gguf-py dequantizes, with llama.cpp's block sizes."""
+    types = dict(FLOAT_TYPES)
+    try:
+        import gguf as gguf_py
+        from gguf import quants
+    except ImportError:  # gguf is a dependency; without it only float tensors can be read
+        return types
+    traits = getattr(quants, "_type_traits", {})
+    for name in QUANTIZED_TYPES:
+        qtype = getattr(gguf_py.GGMLQuantizationType, name, None)
+        if qtype is not None and (not traits or qtype in traits):
+            block, size = gguf_py.GGML_QUANT_SIZES[qtype]
+            types[int(qtype)] = (name, block, size)
+    return types
+
+
+READ_TYPES = _read_types()
 OTHER_TYPES = {
     6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
     15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
     22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+    34: "TQ1_0", 35: "TQ2_0",
 }
 READABLE = ", ".join(name for name, *_ in READ_TYPES.values())
+MB_PER_READ = 64  # quantized tensors are dequantized this many MiB of blocks at a time
 
 # Metadata value types: id -> struct format of one scalar (8 = string, 9 = array).
 SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -162,7 +187,7 @@ def check_file(path: Path) -> dict[str, tuple[int, list[int], int]]:
         for name, dims, kind, offset in tensors:
             if name in found:
                 raise header.fail(f"tensor {name!r} appears twice")
-            _, block, block_bytes, _ = READ_TYPES[kind]
+            _, block, block_bytes = READ_TYPES[kind]
             n_bytes = math.prod(dims) // block * block_bytes
             if offset % alignment or data_start + offset + n_bytes > size:
                 raise ValueError(
@@ -175,40 +200,60 @@ def check_file(path: Path) -> dict[str, tuple[int, list[int], int]]:
 
 
 def read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """Tensors (float; block-quantized ones dequantized to float32) and metadata of a GGUF file,
-    after `check_file`."""
+    """Tensors and metadata of a GGUF file, after `check_file`.
+
+    F32 and F16 tensors are read as stored, BF16 as bfloat16 (MLX's reader would make it
+    float16, where large values become inf); block-quantized ones are dequantized to float32 by
+    gguf-py (`gguf.quants.dequantize`, llama.cpp's reference arithmetic). Metadata comes from
+    gguf-py's reader: strings, numbers, and lists of them.
+    """
     tensors = check_file(path)
-    try:
-        loaded, metadata = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"{path}: cannot read GGUF file: {error}") from None
+    metadata = read_metadata(path)
     weights = {}
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     for name, (kind, dims, start) in tensors.items():
-        type_name, _, _, bits = READ_TYPES[kind]
+        shape = tuple(reversed(dims))  # GGUF lists the innermost dimension first
+        type_name, block, block_bytes = READ_TYPES[kind]
+        n_bytes = math.prod(dims) // block * block_bytes
+        raw = data[start:start + n_bytes]
         if type_name == "BF16":
-            weights[name] = _read_bf16(path, dims, start)
-            continue
-        base = name.removesuffix(".weight")  # MLX names the blocks' parts "x.scales", "x.biases"
-        parts = [name] + ([base + ".scales", base + ".biases"] if bits is not None else [])
-        if not all(part in loaded for part in parts):
-            raise ValueError(f"{path}: MLX could not read tensor {name!r} ({type_name}); the file may be corrupt")
-        if bits is None:
-            weights[name] = loaded[name]
-        else:  # MLX returns blocks as (packed, scales, biases), group size 32
-            # Scales and biases are float16 in the file; dequantizing in float16 would round
-            # every value (up to 2e-3 off); llama.cpp computes d * q in float32.
-            weights[name] = mx.dequantize(loaded[name], loaded[parts[1]].astype(mx.float32),
-                                          loaded[parts[2]].astype(mx.float32), group_size=32, bits=bits)
+            as_float = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)  # bf16: the top half of an fp32
+            weights[name] = mx.array(as_float.reshape(shape)).astype(mx.bfloat16)
+        elif type_name in ("F32", "F16"):
+            weights[name] = mx.array(np.array(raw.view("<f4" if type_name == "F32" else "<f2")).reshape(shape))
+        else:
+            weights[name] = mx.array(dequantize(raw, kind, shape))
     return weights, metadata
 
 
-def _read_bf16(path: Path, dims: list[int], start: int) -> mx.array:
-    """A BF16 tensor straight from the file (shape: dims reversed, innermost last)."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        raw = np.frombuffer(f.read(2 * math.prod(dims)), dtype="<u2")
-    as_float = (raw.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of an fp32
-    return mx.array(as_float.reshape(tuple(reversed(dims)))).astype(mx.bfloat16)
+def dequantize(raw: np.ndarray, kind: int, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 values [*shape] of GGML blocks `raw` (uint8) of type `kind`, by gguf-py."""
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType(kind)
+    row_bytes = shape[-1] // READ_TYPES[kind][1] * READ_TYPES[kind][2]
+    rows = raw.reshape(-1, row_bytes)  # [rows, bytes of one row]
+    step = max(1, (MB_PER_READ << 20) // row_bytes)
+    out = np.empty((rows.shape[0], shape[-1]), dtype=np.float32)
+    for first in range(0, rows.shape[0], step):  # bounded temporary memory for large tensors
+        out[first:first + step] = quants.dequantize(np.asarray(rows[first:first + step]), qtype)
+    return out.reshape(shape)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Every metadata entry of a GGUF file (gguf-py's reader; its own "GGUF.*" entries left out):
+    str, int, float, bool, or a list of them."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as error:  # check_file has already checked the header; be clear anyway
+        raise ValueError(f"{path}: cannot read GGUF metadata: {error}") from None
+    try:
+        return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    except Exception as error:  # a corrupt entry (e.g. a string that is not UTF-8)
+        raise ValueError(f"{path}: a GGUF metadata entry is unreadable ({type(error).__name__}: {error}); "
+                         f"the file is corrupt") from None
 
 
 # -- llama config from metadata ------------------------------------------------------------
@@ -223,6 +268,14 @@ def _value(metadata: dict[str, Any], key: str, default: Any = None, *, required:
         return default
     value = metadata[key]
     return value.item() if isinstance(value, mx.array) and value.ndim == 0 else value
+
+
+def _positive(metadata: dict[str, Any], key: str, default: Any = None, *, required: bool = False) -> float:
+    """A metadata number that must be finite and > 0 (an epsilon, a RoPE base or factor)."""
+    value = _value(metadata, key, default, required=required)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"GGUF metadata {key!r} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> ModelConfig:
@@ -250,7 +303,7 @@ def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> 
     rope_scale = 1.0
     scaling = _value(metadata, p + "rope.scaling.type", "none")
     if scaling == "linear":
-        rope_scale = 1.0 / float(_value(metadata, p + "rope.scaling.factor", required=True))
+        rope_scale = 1.0 / _positive(metadata, p + "rope.scaling.factor", required=True)
     elif scaling != "none":
         raise ValueError(f"GGUF rope.scaling.type {scaling!r} is not supported (supported: none, linear)")
     if "token_embd.weight" not in weights:
@@ -277,10 +330,10 @@ def config_from_gguf(metadata: dict[str, Any], weights: dict[str, mx.array]) -> 
         d_ff=int(_value(metadata, p + "feed_forward_length", required=True)),
         positional="rope",
         max_positions=int(_value(metadata, p + "context_length", 2048)),
-        rope_base=float(_value(metadata, p + "rope.freq_base", 10000.0)),
+        rope_base=_positive(metadata, p + "rope.freq_base", 10000.0),
         rope_traditional=True,
         rope_scale=rope_scale,
-        norm_eps=float(_value(metadata, p + "attention.layer_norm_rms_epsilon", required=True)),
+        norm_eps=_positive(metadata, p + "attention.layer_norm_rms_epsilon", required=True),
         tie_embeddings=tied,
         norm="rmsnorm",
         activation="silu",

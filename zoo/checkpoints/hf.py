@@ -27,6 +27,23 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+# -- models HF cannot express (ALiBi, GPT-2 with RoPE or GQA, ...) --------------------------
+
+NATIVE = "kvzoo"  # config.json model_type of a folder whose config is kvzoo's own ModelConfig
+
+
+def native_config(hf: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig stored under `kvzoo_config` in a native (model_type "kvzoo") config.json."""
+    values = hf.get("kvzoo_config")
+    if not isinstance(values, dict):
+        raise ValueError("config.json with model_type 'kvzoo' needs a 'kvzoo_config' object "
+                         "(the model's ModelConfig fields)")
+    try:
+        return ModelConfig(**values)
+    except TypeError as error:
+        raise ValueError(f"config.json kvzoo_config: {error}") from None
+
+
 # -- dispatch by family ---------------------------------------------------------------------
 
 
@@ -41,6 +58,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a config.json dict, by its model_type."""
     families = _hf_families()
     model_type = hf.get("model_type")
+    if model_type == NATIVE:
+        return native_config(hf)
     if model_type is None:
         raise ValueError(f"config.json is missing 'model_type' (supported: {', '.join(sorted(families))})")
     if model_type not in families:

@@ -89,10 +89,14 @@ def assign_weights(
         raise ValueError(f"{source} does not match the model's config: " + "; ".join(problems))
     new = []
     for name, (file_name, array) in mapped.items():
-        if not mx.issubdtype(array.dtype, mx.floating):
+        packed = not mx.issubdtype(expected[name].dtype, mx.floating)  # a quantized layer's uint32 weight
+        if packed and array.dtype != expected[name].dtype:
+            raise ValueError(f"{source}: tensor {file_name!r} has dtype {array.dtype}; this quantized "
+                             f"layer stores {expected[name].dtype}")
+        if not packed and not mx.issubdtype(array.dtype, mx.floating):
             raise ValueError(f"{source}: tensor {file_name!r} has dtype {array.dtype}; weights must be floating point")
         array = layout.from_file(name, array)
-        if dtype is not None:
+        if dtype is not None and not packed:
             array = array.astype(dtype)
         new.append((name, array))
     model.update(tree_unflatten(new))

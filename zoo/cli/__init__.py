@@ -13,6 +13,9 @@ COMMANDS = {
     "generate": "zoo.cli.generate",
     "info": "zoo.cli.info",
     "bench": "zoo.cli.bench",
+    "study": "zoo.cli.study",
+    "train": "zoo.cli.train",
+    "convert": "zoo.cli.convert",
 }
 
 

@@ -511,6 +511,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "decoding on this checkpoint, on text that repeats its prompt and text that does not")
     parser.add_argument("--draft", metavar="MODEL_PATH", default=None,
                         help="with --speculative: a smaller draft model sharing the tokenizer")
+    parser.add_argument("--batch", action="store_true",
+                        help="instead: batched decoding of ragged prompts (batch 1, 4, 8, 16) against "
+                             "mlx-lm's BatchGenerator, every cache that serves ragged rows")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: seconds
 
 
@@ -528,6 +531,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--draft needs --speculative MODEL_PATH (the model it drafts for)")
     if args.speculative:
         return _run_speculative(args)
+    if args.out is not None:
+        _check_writable(args.out)  # now, not after the benchmark
+    if args.batch:
+        return _run_batch(args)
     settings = Settings.for_mode(args.quick, getattr(args, "smoke", False))
     settings.dtype = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[
         parse_dtype(args.dtype)]
@@ -581,6 +588,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.out / 'bench.json'}" + (
             f" and {written}" if written else " (no sweep, no plot)" if not has_sweep
             else " (no plot: pip install 'kvzoo[bench]' for matplotlib)"))
+    return 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from . import bench_batch
+    from .info import collect
+
+    if args.out is not None:
+        _check_writable(args.out)
+    dtype = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[parse_dtype(args.dtype)]
+    progress = Progress(1, enabled=not args.no_progress)
+    loadavg = list(os.getloadavg())
+    try:
+        section = bench_batch.run(quick=args.quick, smoke=getattr(args, "smoke", False), dtype=dtype,
+                                  selected=_csv(args.caches), repeats=args.repeats,
+                                  progress=lambda label: progress.step(label, 0))
+    finally:
+        progress.close()
+    section["loadavg_start"], section["loadavg_end"] = loadavg, list(os.getloadavg())
+    print(bench_batch.format_rows(section))
+    print(f"load average {loadavg[0]:.1f} at the start, {section['loadavg_end'][0]:.1f} at the end")
+    if args.out is not None:
+        report = {"machine": collect(measure=False), "batch": section}
+        (args.out / "bench_batch.json").write_text(json.dumps(report, indent=2, default=str))
+        print(f"\nwrote {args.out / 'bench_batch.json'}")
     return 0
 
 

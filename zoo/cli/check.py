@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+import mlx.core as mx
+
 import caches
 import positional
 from caches import conformance
@@ -27,6 +29,7 @@ LAYOUTS = {"MHA": 4, "GQA": 2, "MQA": 1}  # n_kv_heads for the tiny presets' 4 q
 PROMPT_LEN = 24
 DECODE = 12
 CHUNKS = [5, 1, 11, 7]  # uneven on purpose: single-token and multi-token chunks with a warm cache
+PROMPT = "Once upon a time, there was a little"  # --model's default prompt
 
 
 @dataclass
@@ -108,6 +111,14 @@ def check_checkpoint(
     if limit is not None and seq_len > limit:
         raise ValueError(f"prompt ({len(tokens)} tokens) + --decode {decode} = {seq_len} positions, "
                          f"past this model's {limit}")
+    logits = model(mx.array([tokens], dtype=mx.int32))  # [1, L, V]: the uncached forward
+    finite = mx.isfinite(logits)
+    if not mx.all(finite).item():
+        nan = int(mx.sum(mx.isnan(logits)).item())
+        raise ValueError(
+            f"{path}: the model's logits are NaN or infinite on this prompt ({nan} NaN, "
+            f"{int(mx.sum(~finite).item()) - nan} inf of {logits.size}): the weights or the dtype are "
+            f"broken, so no cache can be checked against it")
     chunks = uneven_chunks(len(tokens))
     rows, skipped = [], []
     for name in cache_names:
@@ -185,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH",
                         help="check every cache on this checkpoint (HF folder or .gguf) instead of the "
                              "tiny random presets")
-    parser.add_argument("--prompt", default="Once upon a time, there was a little",
+    parser.add_argument("--prompt", default=PROMPT,
                         help="with --model: the prompt text (default: a story opening)")
     parser.add_argument("--decode", type=int, default=DECODE,
                         help=f"with --model: greedy steps to compare (default {DECODE})")
@@ -198,6 +209,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"\r  checked {row.family}/{row.positional}/{row.layout}/{row.label}".ljust(72),
               end="", file=sys.stderr, flush=True)
 
+    if not args.model:
+        for flag, value, default in (("--decode", args.decode, DECODE), ("--prompt", args.prompt, PROMPT)):
+            if value != default:
+                raise ValueError(f"{flag} applies with --model PATH (a real checkpoint); the random "
+                                 f"presets use a fixed prompt of {PROMPT_LEN} tokens and {DECODE} steps")
     if args.model:
         for flag, value in (("--families", args.families), ("--positional", args.positional),
                             ("--layouts", args.layouts)):
@@ -216,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     for line in skipped:
         print(f"not run: {line}")
     for row in rows:
-        for problem in ([row.report.problem] if row.report.problem else []) + row.report.storage:
+        for problem in ([row.report.problem] if row.report.problem else []) + row.report.storage + row.report.rows:
             print(f"{row.label} ({row.family}/{row.positional}/{row.layout}): {problem}")
     if any(r.report.exact_diff != r.report.max_abs_diff for r in rows):
         print("flips: stored values one quantization step from the oracle's rounding, each on a rounding "

@@ -140,13 +140,14 @@ class GPT2Attention(nn.Module):
         self.splits = [q_dim, q_dim + kv_dim]
         self.c_attn = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.out_bias)
+        self.resid_dropout = blocks.make_dropout(cfg)
 
     def __call__(self, x: mx.array, ctx: Context, cache) -> mx.array:
         q, k, v = mx.split(self.c_attn(x), self.splits, axis=-1)
         q = split_heads(q, self.n_heads)  # [B, Hq, L, D]
         k = split_heads(k, self.n_kv_heads)  # [B, Hkv, L, D]
         v = split_heads(v, self.n_kv_heads)
-        return self.c_proj(merge_heads(attend(q, k, v, ctx, cache, self.scale)))
+        return self.resid_dropout(self.c_proj(merge_heads(attend(q, k, v, ctx, cache, self.scale))))
 
 
 class GPT2MLP(nn.Module):
@@ -159,9 +160,10 @@ class GPT2MLP(nn.Module):
             self.c_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.act = blocks.activation(cfg.activation)
+        self.dropout = blocks.make_dropout(cfg)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(blocks.mlp_hidden(self.act, self.c_fc, self.get("c_gate"), x))
+        return self.dropout(self.c_proj(blocks.mlp_hidden(self.act, self.c_fc, self.get("c_gate"), x)))
 
 
 class GPT2Block(nn.Module):
@@ -182,6 +184,7 @@ class GPT2Transformer(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = positional.make(cfg.positional, cfg)  # learned: wpe.weight [n_positions, d]
+        self.drop = blocks.make_dropout(cfg)
         self.h = [GPT2Block(cfg) for _ in range(cfg.n_layers)]
         self.ln_f = blocks.make_norm(cfg)
 
@@ -221,7 +224,7 @@ class GPT2(CausalLM):
 
     def forward(self, tokens, ctx, cache):
         t = self.transformer
-        h = ctx.positional.embed(t.wte(tokens), ctx.positions)
+        h = t.drop(ctx.positional.embed(t.wte(tokens), ctx.positions))
         for block, layer_cache in zip(t.h, cache):
             h = block(h, ctx, layer_cache)
         return blocks.head_logits(t.ln_f(h), t.wte, self.get("lm_head"), self.config)

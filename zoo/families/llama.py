@@ -228,12 +228,13 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.out_bias)
+        self.dropout = blocks.make_dropout(cfg)
 
     def __call__(self, x: mx.array, ctx: Context, cache) -> mx.array:
         q = split_heads(self.q_proj(x), self.n_heads)  # [B, Hq, L, D]
         k = split_heads(self.k_proj(x), self.n_kv_heads)  # [B, Hkv, L, D]
         v = split_heads(self.v_proj(x), self.n_kv_heads)
-        return self.o_proj(merge_heads(attend(q, k, v, ctx, cache, self.scale)))
+        return self.dropout(self.o_proj(merge_heads(attend(q, k, v, ctx, cache, self.scale))))
 
 
 class LlamaMLP(nn.Module):
@@ -246,9 +247,10 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.act = blocks.activation(cfg.activation)
+        self.dropout = blocks.make_dropout(cfg)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(blocks.mlp_hidden(self.act, self.up_proj, self.get("gate_proj"), x))
+        return self.dropout(self.down_proj(blocks.mlp_hidden(self.act, self.up_proj, self.get("gate_proj"), x)))
 
 
 class LlamaBlock(nn.Module):
@@ -269,6 +271,7 @@ class LlamaBody(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_positions = positional.make(cfg.positional, cfg)  # learned: a table; rope: none
+        self.dropout = blocks.make_dropout(cfg)
         self.layers = [LlamaBlock(cfg) for _ in range(cfg.n_layers)]
         self.norm = blocks.make_norm(cfg)
 
@@ -315,7 +318,7 @@ class Llama(CausalLM):
 
     def forward(self, tokens, ctx, cache):
         m = self.model
-        h = ctx.positional.embed(m.embed_tokens(tokens), ctx.positions)
+        h = m.dropout(ctx.positional.embed(m.embed_tokens(tokens), ctx.positions))
         for block, layer_cache in zip(m.layers, cache):
             h = block(h, ctx, layer_cache)
         return blocks.head_logits(m.norm(h), m.embed_tokens, self.get("lm_head"), self.config)

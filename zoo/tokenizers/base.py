@@ -41,6 +41,8 @@ class Tokenizer:
     add_bos: bool = False
     special_tokens: dict[str, int] = {}
     leading_space: str = "keep"
+    chat_template: Optional[Any] = None  # jinja source, or {name: source} (tokenizers/chat.py)
+    chat_special_tokens: dict[str, str] = {}  # bos_token, eos_token, ... as the template sees them
     utf8_errors: str = "replace"  # or REPLACE_EACH_BYTE (sentencepiece's policy)
 
     # -- what a backend implements ---------------------------------------------------------
@@ -76,6 +78,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode needs a str, got {type(text).__name__}")
+        check_no_surrogates(text)
         if add_bos is None:
             add_bos = self.add_bos
         if add_bos and self.bos_id is None:
@@ -129,6 +132,23 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"eos_ids={sorted(self.eos_ids)})")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_no_surrogates(text: str) -> None:
+    """Refuse a lone surrogate (U+D800..U+DFFF): it is no character and has no UTF-8, so every
+    tokenizer would have to guess (GPT-2's turned it into U+FFFD, sentencepiece raised).
+    One behaviour for all: a ValueError naming the character position."""
+    found = _SURROGATE.search(text)
+    if found is not None:
+        i = found.start()
+        raise ValueError(
+            f"text has a lone surrogate U+{ord(text[i]):04X} at character {i} (of {len(text)}): it is not "
+            f"a Unicode character and has no UTF-8 encoding. Text read with errors='surrogateescape' "
+            f"or a broken UTF-16 pair makes these; decode the bytes properly, or replace them "
+            f"(text.encode('utf-8', 'replace').decode())")
 
 
 def _split_special(text: str, specials: dict[str, int]) -> list[str]:

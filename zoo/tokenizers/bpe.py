@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional
@@ -46,6 +47,7 @@ def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list, source: str
     (such as "<|endoftext|>") are returned separately, with their ids.
     """
     to_byte = gpt2_unicode_to_byte()
+    check_vocab(vocab, source)
 
     def as_bytes(token: str) -> bytes:
         try:
@@ -63,6 +65,10 @@ def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list, source: str
         pair = pair.split() if isinstance(pair, str) else list(pair)
         if len(pair) != 2:
             raise ValueError(f"{source}: merge {n + 1} should be two tokens, got {pair}")
+        for part in pair:
+            if as_bytes(part) not in ranks:
+                raise ValueError(f"{source}: merge {n + 1} {pair} uses {part!r}, which is neither a byte "
+                                 f"nor made by an earlier merge")
         merged = pair[0] + pair[1]
         if merged not in vocab:
             raise ValueError(f"{source}: merge {n + 1} {pair} makes {merged!r}, which is not in the vocabulary")
@@ -78,11 +84,52 @@ def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list, source: str
     return ranks, others
 
 
+def check_vocab(vocab: object, source: str) -> None:
+    """A vocabulary is a map of token text to distinct ids >= 0."""
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{source}: the vocabulary must be a JSON object token -> id, got {type(vocab).__name__}")
+    seen: dict[int, str] = {}
+    for token, i in vocab.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise ValueError(f"{source}: token {token!r} has id {i!r}; ids must be ints >= 0")
+        if i in seen:
+            raise ValueError(f"{source}: tokens {seen[i]!r} and {token!r} share id {i}")
+        seen[i] = token
+
+
+# Vocabulary entries outside the merges that are control tokens by their look ("<|endoftext|>",
+# "<pad>", "</s>", "[PAD]"); any other unreachable entry means the files do not fit together.
+CONTROL_LIKE = re.compile(r"<\|[^\s]+\|>|<[^\s<>]+>|\[[A-Z_]+\]")
+
+
+def check_reachable(others: dict[str, int], declared: set[str], source: str) -> None:
+    """Every vocabulary entry that is not a byte or a merge result must be a special token
+    (declared in the files, or written like one); otherwise merges.txt is cut short or belongs
+    to another vocabulary, and encoding would silently differ."""
+    stray = sorted((i, t) for t, i in others.items() if t not in declared and not CONTROL_LIKE.fullmatch(t))
+    if stray:
+        shown = ", ".join(f"{t!r} (id {i})" for i, t in stray[:5])
+        raise ValueError(
+            f"{source}: {len(stray)} vocabulary entr{'y is' if len(stray) == 1 else 'ies are'} neither a "
+            f"byte, a merge result nor a special token: {shown}{', ...' if len(stray) > 5 else ''}. No "
+            f"merge can produce them, so the merges are cut short or belong to another vocabulary")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from None
+
+
 def ranks_from_hf_files(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
     """Ranks and other entries from HF's vocab.json and merges.txt (a "#version" header line,
     then one "a b" merge per line)."""
-    vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-    lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
+    try:
+        vocab = json.loads(_read_text(vocab_path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{vocab_path} is not valid JSON: {error}") from None
+    lines = _read_text(merges_path).split("\n")
     merges = [line for line in lines if line and not line.startswith("#version")]
     return ranks_from_vocab_and_merges(vocab, merges, f"{vocab_path} + {merges_path}")
 
@@ -96,6 +143,7 @@ class TokenizerJson:
     pattern: str  # the pre-tokenizer's split regex
     nfc: bool  # a Unicode NFC normalizer runs first (Qwen2-style)
     bos_token: Optional[str]  # the special token the post-processor puts first (Llama 3-style)
+    added: set = field(default_factory=set)  # the added_tokens' contents (special by declaration)
 
 
 def _byte_level(step: dict, use_regex: bool) -> bool:
@@ -143,6 +191,11 @@ def read_tokenizer_json(path: Path) -> TokenizerJson:
     naming it, rather than a silently different tokenizer.
     """
     data = read_json(path)
+    for key in ("model", "pre_tokenizer", "normalizer", "decoder", "post_processor"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ValueError(f"{path}: {key!r} must be a JSON object, got {type(data[key]).__name__}")
+    if not isinstance(data.get("added_tokens") or [], list):
+        raise ValueError(f"{path}: 'added_tokens' must be a list")
     model = data.get("model") or {}
     pre = data.get("pre_tokenizer") or {}
     normalizer = data.get("normalizer")
@@ -161,11 +214,19 @@ def read_tokenizer_json(path: Path) -> TokenizerJson:
         problems.append("byte_fallback / subword prefixes")
     if problems:
         raise ValueError(f"{path} is not a byte-level BPE kvzoo reproduces exactly: it has {', '.join(problems)}")
-    ranks, others = ranks_from_vocab_and_merges(model.get("vocab") or {}, model.get("merges") or [], str(path))
+    merges = model.get("merges") or []
+    if not isinstance(merges, list):
+        raise ValueError(f"{path}: model.merges must be a list, got {type(merges).__name__}")
+    ranks, others = ranks_from_vocab_and_merges(model.get("vocab") or {}, merges, str(path))
+    added = set()
     for entry in data.get("added_tokens") or []:
-        others[entry["content"]] = int(entry["id"])
+        content, i = (entry.get("content"), entry.get("id")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(content, str) or not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise ValueError(f"{path}: added token {str(entry)[:80]} needs a str 'content' and an int 'id' >= 0")
+        others[content] = i
+        added.add(content)
     return TokenizerJson(ranks, others, pattern, nfc=normalizer is not None,
-                         bos_token=_template_bos(data.get("post_processor")))
+                         bos_token=_template_bos(data.get("post_processor")), added=added)
 
 
 def ranks_from_tiktoken_file(path: Path) -> dict[bytes, int]:
@@ -260,13 +321,16 @@ def special_tokens_from_hf(folder: Path, others: dict[str, int], first_free_id: 
         if isinstance(entry, dict) and "content" in entry:
             ids[entry["content"]] = int(key)
     extra = [t for t in special_map.get("additional_special_tokens", []) if isinstance(t, str)]
+    extra += [t for t in config.get("additional_special_tokens", []) or [] if isinstance(t, str)]
     specials = {}
-    next_id = first_free_id
+    next_id = max([first_free_id, *(i + 1 for i in ids.values())])  # new ids after every id taken
     for token in [*dict.fromkeys([*roles.values(), *extra, *others])]:
         if token not in ids:
             ids[token] = next_id
             next_id += 1
         specials[token] = ids[token]
+    roles["declared"] = [*roles.values(), *extra, *(e["content"] for e in (config.get("added_tokens_decoder") or {}).values()
+                                                    if isinstance(e, dict) and "content" in e)]
     return specials, roles
 
 
@@ -275,31 +339,42 @@ def read_json(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_bpe(folder: Path, tiktoken_file: Optional[Path] = None) -> BPETokenizer:
     """A byte-level BPE tokenizer from an HF folder (vocab.json + merges.txt, else
     tokenizer.json) or a .tiktoken file."""
     folder = Path(folder)
-    pattern, nfc, template_bos = GPT2_SPLIT_PATTERN, False, None
+    pattern, nfc, template_bos, added = GPT2_SPLIT_PATTERN, False, None, set()
     if tiktoken_file is None and (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         ranks, others = ranks_from_hf_files(folder / "vocab.json", folder / "merges.txt")
+        source = f"{folder / 'vocab.json'} + merges.txt"
     elif tiktoken_file is None:
         parsed = read_tokenizer_json(folder / "tokenizer.json")
-        ranks, others, pattern, nfc, template_bos = (parsed.ranks, parsed.others, parsed.pattern,
-                                                     parsed.nfc, parsed.bos_token)
+        ranks, others, pattern, nfc, template_bos, added = (parsed.ranks, parsed.others, parsed.pattern,
+                                                            parsed.nfc, parsed.bos_token, parsed.added)
+        source = str(folder / "tokenizer.json")
     else:
         ranks, others = ranks_from_tiktoken_file(tiktoken_file), {}
+        source = str(tiktoken_file)
+        if not ranks:
+            raise ValueError(f"{tiktoken_file} holds no tokens")
         vocab_path = folder / "vocab.json"
         if vocab_path.exists():  # ids of special tokens, if the HF vocabulary is beside it
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            vocab = read_json(vocab_path)
+            check_vocab(vocab, str(vocab_path))
             rank_ids = set(ranks.values())
             others = {t: i for t, i in vocab.items() if i not in rank_ids}
-    specials, roles = special_tokens_from_hf(folder, others, first_free_id=max(ranks.values()) + 1)
+            source = f"{tiktoken_file} + {vocab_path.name}"
+    taken = max([*ranks.values(), *others.values()])
+    specials, roles = special_tokens_from_hf(folder, others, first_free_id=taken + 1)
+    check_reachable(others, set(roles.pop("declared")) | added, source)
     config = read_json(folder / "tokenizer_config.json")
     eos = [roles["eos_token"]] if "eos_token" in roles else []
     # BOS: tokenizer_config's add_bos_token, else a post-processor that puts a token first

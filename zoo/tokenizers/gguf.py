@@ -18,6 +18,8 @@ which comes back as a space, as in SentencePiece).
 from __future__ import annotations
 
 import heapq
+import math
+import re
 from typing import Any, Optional
 
 from .base import REPLACE_EACH_BYTE, Tokenizer
@@ -164,6 +166,19 @@ def _as_list(value: Any) -> list:
     return value.tolist() if hasattr(value, "tolist") else list(value)
 
 
+def _check_vocabulary(pieces: list, scores: list, types: list, metadata: dict) -> None:
+    """Finite scores (they order the merges) and well-formed byte pieces (the lengths and the
+    special ids are checked by GGUFTokenizer)."""
+    for i, (piece, score, kind) in enumerate(zip(pieces, scores, types)):
+        if not isinstance(piece, str):
+            raise ValueError(f"GGUF tokenizer.ggml.tokens[{i}] is {type(piece).__name__}, not a string")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"GGUF tokenizer.ggml.scores[{i}] (piece {piece!r}) is {score!r}; scores must be "
+                             f"finite (they order the merges)")
+        if int(kind) == BYTE and not re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            raise ValueError(f"GGUF token {i} is a byte piece but reads {piece!r} (needs '<0xHH>')")
+
+
 def tokenizer_from_gguf(metadata: dict) -> GGUFTokenizer:
     """The tokenizer described by a GGUF file's metadata (`mx.load(path, return_metadata=True)[1]`)."""
     model = _scalar(metadata, "tokenizer.ggml.model")
@@ -178,7 +193,8 @@ def tokenizer_from_gguf(metadata: dict) -> GGUFTokenizer:
     types = _as_list(metadata["tokenizer.ggml.token_type"]) if "tokenizer.ggml.token_type" in metadata \
         else [NORMAL] * n
     eos = [_token_id(metadata, "tokenizer.ggml.eos_token_id", 2), _token_id(metadata, "tokenizer.ggml.eot_token_id")]
-    return GGUFTokenizer(
+    _check_vocabulary(pieces, scores, types, metadata)
+    tokenizer = GGUFTokenizer(
         pieces,
         scores,
         [int(t) for t in types],
@@ -188,3 +204,11 @@ def tokenizer_from_gguf(metadata: dict) -> GGUFTokenizer:
         add_bos=bool(_scalar(metadata, "tokenizer.ggml.add_bos_token", True)),
         add_space_prefix=bool(_scalar(metadata, "tokenizer.ggml.add_space_prefix", True)),
     )
+    template = _scalar(metadata, "tokenizer.chat_template")  # llama.cpp keeps the HF template here
+    tokenizer.chat_template = template if isinstance(template, str) else None
+    roles = {"bos_token": tokenizer.bos_id, "eos_token": eos[0],
+             "unk_token": _token_id(metadata, "tokenizer.ggml.unknown_token_id", 0),
+             "pad_token": _token_id(metadata, "tokenizer.ggml.padding_token_id")}
+    tokenizer.chat_special_tokens = {role: str(pieces[i]) for role, i in roles.items()
+                                     if i is not None and 0 <= i < n}
+    return tokenizer
