@@ -301,3 +301,27 @@ def test_loading_a_shard_never_holds_the_whole_model(family, tmp_path):
     assert peak <= shard_bytes + 1.05 * block_bytes < whole_bytes, (peak, shard_bytes, block_bytes, whole_bytes)
     assert {k: v.shape for k, v in tree_flatten(got.parameters())} == {k: v.shape for k, v in tree_flatten(want.parameters())}
     assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(tree_flatten(got.parameters()), tree_flatten(want.parameters())))
+
+
+def test_study_runs_distributed_unchanged(tmp_path):
+    """`kvzoo study` under mlx.launch: the same perplexities and KLs as one process, each
+    cache holding half the bytes (stories260K's 4 kv heads split), one table, one set of
+    files (rank 1 writes into a temporary folder of its own)."""
+    from zoo.cli import main
+
+    args = ["study", "--model", str(require_asset("stories260K/stories260K.gguf")),
+            "--text", str(require_asset("corpora/tinystories-valid-part1.txt")),
+            "--caches", "concat,rotating:max_size=32:keep=4", "--quick", "--no-plots", "--no-needle",
+            "--no-cost", "--max-tokens", "96"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    both = launch([sys.executable, "-m", "zoo.cli", *args, "--out", str(tmp_path / "two")], timeout=300)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.count("wrote ") == 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    one, two = (json.loads((tmp_path / d / "study.json").read_text())["models"][0] for d in ("one", "two"))
+    assert two["baseline"]["ppl"] == pytest.approx(one["baseline"]["ppl"], rel=1e-5)
+    for run_one, run_two in zip(one["runs"], two["runs"], strict=True):
+        assert run_two["conformance"]["ok"] and run_two["cache"] == run_one["cache"]
+        for key in ("ppl", "kl_mean", "kl_max", "top1_agreement"):
+            assert run_two["quality"][key] == pytest.approx(run_one["quality"][key], rel=1e-4, abs=1e-5), key
+        assert 2 * run_two["quality"]["peak_bytes"] == run_one["quality"]["peak_bytes"]

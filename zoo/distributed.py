@@ -349,6 +349,8 @@ def setup_cli(args: Any) -> Optional[Any]:
     """What every `kvzoo` command does first: under a launcher with more than one process,
     make the global group the default of `zoo.load` (so each command loads its shard with no
     change of its own), silence every rank but 0 (uncaught errors still reach its stderr),
+    send the files of a command with an `--out` folder (kvzoo study) from every rank but 0 to
+    a temporary folder of their own (on one machine they would write the same files at once),
     and give a command with a `--seed` left unset one seed drawn on rank 0, so the samplers
     of all processes draw the same tokens. Returns the group, or None when run alone."""
     if not launched():
@@ -362,8 +364,23 @@ def setup_cli(args: Any) -> Optional[Any]:
     if group.rank() != 0:
         import os
         import sys
+        import tempfile
         import traceback
 
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-        sys.excepthook = lambda kind, error, tb: traceback.print_exception(kind, error, tb, file=sys.__stderr__)
+        if isinstance(getattr(args, "out", None), str):
+            import atexit
+            import shutil
+
+            args.out = tempfile.mkdtemp(prefix=f"kvzoo-rank{group.rank()}-")
+            atexit.register(shutil.rmtree, args.out, ignore_errors=True)
+
+        # Silence at the file descriptors, so that writers holding sys.stderr from before
+        # (a progress bar's default argument) and C code are silenced too.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        errors = os.fdopen(os.dup(2), "w")
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        sys.excepthook = lambda kind, error, tb: traceback.print_exception(kind, error, tb, file=errors)
     return group
