@@ -35,7 +35,10 @@ from zoo.distributed import HeadSlicedPositional, RowParallelLinear, plan
 from zoo.layers import Context
 
 TOLERANCE = 1e-4
-EXAMPLE_CACHES = sorted(str(p) for p in (ROOT / "docs" / "examples").glob("*.py"))
+# Plugins the two processes load: docs/examples' user caches, and a cache whose choice couples
+# the heads of a layer (summed through Cache.across_heads).
+EXAMPLE_CACHES = sorted(str(p) for p in (ROOT / "docs" / "examples").glob("*.py")) + [
+    str(ROOT / "tests" / "helpers" / "head_mass_cache.py")]
 LAUNCH_TIMEOUT = 420  # seconds; the run takes ~10 s on 2 idle cores
 
 
@@ -118,6 +121,20 @@ def test_shares_of_every_rank_sum_to_the_unsharded_block(family, overrides, size
     full_bytes = sum(c.nbytes for c in full_caches)
     for cache in rank_caches:
         assert sum(c.nbytes for c in cache) * full.config.n_kv_heads == full_bytes * part.n_kv_heads
+
+
+def test_a_cache_sums_across_heads_only_when_split():
+    whole = caches.make("concat", build("llama"))
+    x = mx.array([1.0, 2.0])
+    assert whole[0].heads_group is None and mx.array_equal(whole[0].across_heads(x), x)
+
+    class Doubling(StandIn):  # two ranks holding the same share
+        def all_sum(self, x):
+            return 2 * x
+
+    split = caches.make("concat", zoo.shard(build("llama"), Doubling(0, 2)))
+    assert all(isinstance(c.heads_group, Doubling) for c in split)
+    assert mx.array_equal(split[0].across_heads(x), 2 * x)
 
 
 def test_each_rank_keeps_its_heads_and_units():
@@ -231,12 +248,13 @@ def test_two_processes_cover_every_cache_on_both_families(two_processes):
     (report, _), _ = two_processes
     assert report["size"] == 2
     keys = [s["key"] for s in report["scenarios"]]
-    registered = set(caches.available()) | {"half", "last-n", "list"}  # + docs/examples
+    registered = set(caches.available()) | {"half", "last-n", "list", "head-mass"}  # + the plugins
     assert {k.split("|")[1] for k in keys} == registered
     for label in ("llama-rope-GQA", "gpt2-learned-MHA"):
         assert {k.split("|")[1] for k in keys if k.startswith(label + "|")} == registered
     for label in ("llama-alibi-MQA", "gpt2-alibi-GQA", "gpt2-rope-MQA", "llama-rope-MHA-window"):
-        assert {k.split("|")[1] for k in keys if k.startswith(label + "|")} == {"preallocated", "rotating", "quantized"}
+        assert {k.split("|")[1] for k in keys if k.startswith(label + "|")} == {"preallocated", "rotating", "quantized",
+                                                                               "head-mass"}
 
 
 def test_distributed_logits_and_tokens_equal_one_process(two_processes):
@@ -254,9 +272,13 @@ def test_each_process_cache_holds_its_heads(two_processes):
     (report0, _), (report1, _) = two_processes
     for entry0, entry1 in zip(report0["scenarios"], report1["scenarios"]):
         copied = entry0["n_kv_heads"] < 2  # MQA: each process keeps the one kv head
+        want = 1.0 if copied else 0.5
         for entry in (entry0, entry1):
             share = entry["cache_bytes"] / entry0["full_cache_bytes"]
-            assert share == (1.0 if copied else 0.5), entry0["key"]
+            if "|head-mass|" in entry0["key"]:  # + one position and one mass per key, per layer
+                assert want <= share < want + 0.05, entry0["key"]
+            else:
+                assert share == want, entry0["key"]
 
 
 def test_every_process_gets_rank_zeros_seed(two_processes):

@@ -291,6 +291,7 @@ def shard(model: nn.Module, group: Optional[GroupLike] = None, *, evaluate: bool
         if evaluate:
             mx.eval(block.parameters())
     model.distributed = part
+    model.heads_group = group  # caches.make hands it to the caches (Cache.across_heads)
     if evaluate:
         mx.eval(model.parameters())
     return model

@@ -31,8 +31,8 @@ PROMPT, DECODE = SEQUENCE[:6], 5
 
 # (name, family, config overrides, which caches): both families with every registered cache
 # and each of its example option sets ("every"); then every positional scheme, kv heads
-# split and copied (MQA) and a sliding window, with the caches whose key positions or stored
-# values differ from plain concatenation, each with its first example ("some").
+# split and copied (MQA) and a sliding window, with the caches whose key positions, stored
+# values or kept keys differ from plain concatenation, each with its first example ("some").
 BIASES = dict(qkv_bias=True, out_bias=True, mlp_bias=True)
 MODELS = [
     ("llama-rope-GQA", "llama", dict(**BIASES), "every"),
@@ -44,7 +44,7 @@ MODELS = [
 ]
 
 
-SOME = ("preallocated", "rotating", "quantized")
+SOME = ("preallocated", "rotating", "quantized", "head-mass")
 
 
 def scenarios(head_dim: int = 32) -> list[tuple[str, str, dict, str, dict]]:
