@@ -19,13 +19,13 @@ _blas.setup()
 
 
 from .attention import scaled_dot_product_attention
-from .base import Cache, Fetched, ragged_refusal
+from .base import Cache, Fetched, Unsupported, ragged_refusal
 from .reference import EXACT, Reference
 from .registry import Conformance, available, examples, exact_for, get, make, options_of, reference_of, register
 from .persistence import load, save
 
 # Built-in strategies register themselves on import.
-from . import concat, preallocated, quantized, rotating  # noqa: E402,F401
+from . import concat, h2o, kivi, preallocated, quantized, rotating, snapkv, streaming  # noqa: E402,F401
 from .quantized import QuantizedReference  # noqa: E402
 from .rotating import WindowReference  # noqa: E402
 
@@ -33,6 +33,7 @@ __all__ = [
     "Cache",
     "Conformance",
     "Fetched",
+    "Unsupported",
     "Reference",
     "WindowReference",
     "QuantizedReference",

@@ -100,3 +100,113 @@ def fast_sdpa(
     # A mask [..., 1, Lk] shared by the heads broadcasts over the n_rep rows unchanged.
     out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     return out.reshape(B, Hq, 1, out.shape[-1])  # [B, Hkv, n_rep, Dv] -> [B, Hq, 1, Dv]
+
+
+# -- attention written out: for caches that need the weights or assign positions themselves ----
+
+
+def grouped_scores(queries: mx.array, keys: mx.array, scale: float) -> mx.array:
+    """queries [B, Hq, Lq, D] . keys [B, Hkv, Lk, D] -> scores [B, Hq, Lq, Lk] (query head h reads
+    kv head h // (Hq / Hkv))."""
+    B, Hq, Lq, D = queries.shape
+    Hkv = keys.shape[1]
+    q = (queries * scale).reshape(B, Hkv, Hq // Hkv, Lq, D)  # [B, Hkv, n_rep, Lq, D]
+    scores = q @ keys[:, :, None].swapaxes(-1, -2)  # [B, Hkv, n_rep, Lq, Lk]
+    return scores.reshape(B, Hq, Lq, keys.shape[2])
+
+
+def grouped_values(weights: mx.array, values: mx.array) -> mx.array:
+    """weights [B, Hq, Lq, Lk] . values [B, Hkv, Lk, Dv] -> [B, Hq, Lq, Dv]."""
+    B, Hq, Lq, Lk = weights.shape
+    Hkv = values.shape[1]
+    out = weights.reshape(B, Hkv, Hq // Hkv, Lq, Lk) @ values[:, :, None]  # [B, Hkv, n_rep, Lq, Dv]
+    return out.reshape(B, Hq, Lq, values.shape[-1])
+
+
+def _head_mask(mask: mx.array) -> mx.array:
+    return mask[:, None] if mask.ndim == 3 else mask  # [B, Lq, Lk] -> [B, 1, Lq, Lk]
+
+
+def masked_softmax(scores: mx.array, mask: mx.array, additive: Optional[mx.array] = None) -> mx.array:
+    """softmax over the last axis of scores [B, Hq, Lq, Lk] + additive bias, where `mask` (bool,
+    broadcastable; [B, Lq, Lk] means one mask per row) is True; zero weight elsewhere."""
+    if additive is not None:  # [Hq, Lq, Lk], [Lq, Lk] or [B, 1 | Hq, Lq, Lk]: broadcasts as is
+        scores = scores + additive.astype(scores.dtype)
+    scores = mx.where(_head_mask(mask), scores, mx.array(-float("inf"), scores.dtype))
+    return mx.softmax(scores, axis=-1, precise=True)
+
+
+Rotate = Callable[[mx.array, mx.array], mx.array]  # (x [..., L, D], contiguous positions [L]) -> x rotated
+
+
+def rotation_matrices(rotate: Rotate, head_dim: int, n: int) -> mx.array:
+    """The scheme's rotation at positions 0..n-1 as matrices [n, D, D] (M[p] @ x = x rotated
+    at p): the identity's rows rotated as sequences, one rope call (rotation is linear)."""
+    basis = mx.broadcast_to(mx.eye(head_dim)[:, None, :], (head_dim, n, head_dim))  # [D (j), n, D]
+    rotated = rotate(basis, mx.arange(n, dtype=mx.int32))  # [j, p, i] = M[p][i, j]
+    return rotated.transpose(1, 2, 0)  # [p, i, j]
+
+
+def repositioned_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    scale: float,
+    q_positions: mx.array,
+    reference: Reference,
+    rotate: Optional[Rotate],
+    bias: Optional[Bias] = None,
+) -> mx.array:
+    """The uncached oracle for a reference that assigns positions (`positions_as_seen`), over
+    queries and keys not yet rotated: every query at the position the reference gives it, every
+    key at the position it has for that query. Written plainly (a rotated copy of the keys per
+    query, from the scheme's own rotation as matrices; the bias with the queries as rows): the
+    cache it checks computes the same thing another way."""
+    B, Hq, Lq, D = queries.shape
+    Hkv, Lk = keys.shape[1], keys.shape[2]
+    k_positions = mx.arange(Lk, dtype=mx.int32)
+    visible = reference.mask(q_positions, k_positions)  # [Lq, Lk]
+    q_seen, k_seen = reference.positions_as_seen(q_positions, k_positions)  # [Lq], [Lq, Lk]
+    k_seen = mx.where(visible, k_seen, 0)  # hidden keys: any position, never read
+    q = queries.reshape(B, Hkv, Hq // Hkv, Lq, D)  # [B, Hkv, n_rep, Lq, D]
+    k = mx.broadcast_to(keys[:, :, None], (B, Hkv, Lq, Lk, D))  # one copy of the keys per query
+    if rotate is not None:
+        M = rotation_matrices(rotate, D, int(mx.maximum(q_seen.max(), k_seen.max()).item()) + 1)
+        q = mx.einsum("pij,bgrpj->bgrpi", M[q_seen], q)
+        k = mx.einsum("pkij,bgpkj->bgpki", M[k_seen], k)
+    scores = mx.einsum("bgrpd,bgpkd->bgrpk", q * scale, k).reshape(B, Hq, Lq, Lk)
+    additive = None
+    if bias is not None:  # queries as rows: bias([Lq, 1], [Lq, Lk]) -> [Lq, H | 1, 1, Lk]
+        rows = bias(q_seen[:, None], k_seen)
+        if rows is not None:
+            additive = rows[:, :, 0, :].transpose(1, 0, 2)  # [H | 1, Lq, Lk]
+    weights = masked_softmax(scores, visible, additive)
+    return grouped_values(weights.astype(values.dtype), values)
+
+
+def mixed_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    scale: float,
+    q_positions: mx.array,
+    reference: Reference,
+    bias: Optional[Bias] = None,
+) -> mx.array:
+    """The uncached oracle for a reference where each query reads some keys and values rounded
+    (`transform_kv`) and the others exact (`rounded_for`): the score of each (query, key) from
+    the key it reads, the output from the value it reads."""
+    k_positions = mx.arange(keys.shape[2], dtype=mx.int32)
+    rounded_k, rounded_v = reference.transform_kv(keys, values)
+    which = reference.rounded_for(q_positions, k_positions)
+    if which is None:
+        which = (mx.array(True), mx.array(True))
+    key_r, value_r = which  # [Lq, Lk] bool
+    scores = mx.where(key_r, grouped_scores(queries, rounded_k, scale), grouped_scores(queries, keys, scale))
+    mask = reference.mask(q_positions, k_positions)
+    additive = bias(q_positions, k_positions) if bias is not None else None
+    weights = masked_softmax(scores, mask, additive)
+    return (grouped_values(mx.where(value_r, weights, 0), rounded_v)
+            + grouped_values(mx.where(value_r, 0, weights), values))

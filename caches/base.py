@@ -57,6 +57,12 @@ from .attention import Bias, fast_sdpa, scaled_dot_product_attention
 from .reference import EXACT, Reference
 
 
+class Unsupported(ValueError):
+    """A cache that cannot serve a model by design (the message says why): raised by
+    `check_model`, so `caches.make` refuses, and the property test, `kvzoo check` and `kvzoo bench`
+    report the pairing as not run instead of failing (say, `streaming` on learned positions)."""
+
+
 class Fetched(NamedTuple):
     """What `_append` returns when attention does not read positions 0..offset-1 in order."""
 
@@ -73,6 +79,9 @@ class Cache:
     can, `_restore`, `_trim`, `_positions`, `_check`); everything else is here."""
 
     name: str = ""  # set by caches.register
+    # True: the model hands `attend` keys and queries before RoPE, with `rotate=` the scheme's
+    # rotation (x, contiguous positions) -> x, and the cache places them itself (StreamingLLM).
+    rotates_keys: bool = False
     conformance: Any = None  # set by caches.register: what the conformance kit checks (registry.Conformance)
     # The fingerprint of the model whose keys/values this cache holds (set by the model's
     # forward, zoo/fingerprint.py; saved by caches.save, restored by caches.load), or None.
@@ -158,6 +167,10 @@ class Cache:
 
     def check_model(self, model: Any) -> None:
         """Raise if this cache (with its options) cannot serve `model` (called by caches.make)."""
+
+    def join(self, layers: list["Cache"]) -> None:
+        """Called by caches.make (and caches.load) with the model's whole list of caches, in
+        layer order: for a cache whose reference covers every layer (eviction records)."""
 
     # The processes holding this layer's other heads when the model is split by heads
     # (zoo.shard sets model.heads_group; caches.make hands it on); None in one process.

@@ -1,5 +1,9 @@
 """A quantized cache: keys and values stored with mx.quantize, attended with mx.quantized_matmul.
 
+Groups narrower than mx.quantize's 32 (heads of 8 or 16 features, as in stories260K) use
+kvzoo's own affine quantization on the same rounding conventions (caches/affine.py), attended
+over the dequantized keys and values.
+
 Each token's key (and value) vector is split into groups of `group_size` features; each group
 is stored as `bits`-bit integers with one scale and one bias (affine quantization, as
 mlx-lm's QuantizedKVCache). Attention multiplies the queries with the packed keys directly,
@@ -12,13 +16,17 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .attention import Bias, visibility
+from . import affine
+from .affine import affine_grid  # noqa: F401  (re-exported: the grid the rounding reference uses)
+from .attention import Bias, scaled_dot_product_attention, visibility
 from .base import Cache
 from .reference import Reference
 from .registry import register
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode supports (1 is too lossy)
-ALLOWED_GROUP_SIZES = (32, 64, 128)
+MLX_GROUP_SIZES = (32, 64, 128)  # what mx.quantize / mx.quantized_matmul support
+NARROW_GROUP_SIZES = (4, 8, 16)  # kvzoo's own (caches/affine.py), for heads narrower than 32
+ALLOWED_GROUP_SIZES = NARROW_GROUP_SIZES + MLX_GROUP_SIZES
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
@@ -37,47 +45,18 @@ def check_head_dim(head_dim: int, group_size: int) -> None:
     """Raise ValueError unless head vectors of `head_dim` split into groups of `group_size`."""
     if head_dim % group_size:
         fits = [g for g in ALLOWED_GROUP_SIZES if head_dim % g == 0]
-        allowed = ", ".join(map(str, fits)) if fits else "none (head_dim must be a multiple of 32)"
+        allowed = ", ".join(map(str, fits)) if fits else "none (head_dim must be a multiple of 4)"
         raise ValueError(
             f"quantized cache: group_size {group_size} does not divide the head size {head_dim}; "
             f"group sizes that fit this model: {allowed}"
         )
 
 
-def affine_grid(x: mx.array, bits: int, group_size: int, *,
-                other_side: bool = False) -> tuple[mx.array, mx.array]:
-    """(x [..., D] rounded on mx.quantize's affine grid, or with `other_side` on the grid it
-    would pick had its zero-point rounding gone the other way; whether each value's group sat
-    on that rounding boundary).
-
-    mx.quantize makes zero a level of each group: with edge = the min or max of the group
-    (whichever is larger in magnitude) and s = (max - min) / (2^bits - 1), it rounds
-    q0 = edge / s and uses scale = edge / q0, bias = edge. When edge / s is a half-integer,
-    float noise picks q0, and the whole group's grid moves (found by the property test on a
-    group with edge / s = -130.5000). With other_side=False this is mx.quantize followed by
-    mx.dequantize, value for value (tests/test_quantized.py).
-    """
-    g = x.astype(mx.float32).reshape(*x.shape[:-1], -1, group_size)  # [..., G, group_size]
-    n_levels = 2**bits - 1
-    low, high = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
-    scale = mx.maximum((high - low) / n_levels, 1e-7)
-    side = mx.abs(low) > mx.abs(high)
-    scale = mx.where(side, scale, -scale)
-    edge = mx.where(side, low, high)
-    ratio = edge / scale
-    q0 = mx.round(ratio)
-    if other_side:
-        q0 = mx.where(ratio - mx.floor(ratio) < 0.5, q0 + 1, q0 - 1)  # the other neighbour of ratio
-    on_boundary = mx.abs(ratio - mx.floor(ratio) - 0.5) <= 0.01
-    scale = mx.where(q0 != 0, edge / mx.where(q0 != 0, q0, 1), scale)
-    bias = mx.where(q0 == 0, 0, edge)
-    levels = mx.clip(mx.round((g - bias) / scale), 0, n_levels)
-    other = (levels * scale + bias).reshape(x.shape)
-    return other, mx.broadcast_to(on_boundary, g.shape).reshape(x.shape)
-
-
 def round_trip(x: mx.array, bits: int, group_size: int) -> mx.array:
-    """x [..., D] quantized and dequantized per group of its last axis: what the cache stores."""
+    """x [..., D] quantized and dequantized per group of its last axis: what the cache stores
+    (mx.quantize for its group sizes, caches/affine.py for narrower groups)."""
+    if group_size in NARROW_GROUP_SIZES:
+        return affine.round_trip(x, bits, group_size)
     packed = mx.quantize(x, group_size=group_size, bits=bits)
     return mx.dequantize(*packed, group_size=group_size, bits=bits).astype(x.dtype)
 
@@ -114,14 +93,20 @@ class QuantizedReference(Reference):
 
 def quantization_step(x: mx.array, bits: int, group_size: int) -> mx.array:
     """The distance between neighbouring levels at each value of x [..., D]: its group's scale."""
+    if group_size in NARROW_GROUP_SIZES:
+        return affine.step(x, bits, group_size)
     _, scales, _ = mx.quantize(x, group_size=group_size, bits=bits)
     return mx.repeat(scales, group_size, axis=-1).astype(mx.float32)  # [..., D]
 
 
 def _examples(head_dim: int, seq_len: int) -> list[dict]:
-    groups = [g for g in ALLOWED_GROUP_SIZES if head_dim % g == 0]
-    if not groups:
-        return []
+    groups = [g for g in MLX_GROUP_SIZES if head_dim % g == 0]
+    if not groups:  # a head narrower than mx.quantize's groups: kvzoo's own packing
+        narrow = [g for g in NARROW_GROUP_SIZES if head_dim % g == 0]
+        if not narrow:
+            return []
+        return [{"bits": 4, "group_size": narrow[-1]},
+                {"group_size": narrow[0], "key_bits": 8, "value_bits": 3}]
     return [
         {"bits": 4, "group_size": groups[-1]},
         {"bits": 8, "group_size": groups[0]},
@@ -175,8 +160,8 @@ class QuantizedCache(Cache):
         """Quantize and append keys/values [B, Hkv, L, D]; return the packed (w, scales,
         biases) triples of every stored token."""
         prev, L = self.offset, keys.shape[2]
-        new_k = mx.quantize(keys, group_size=self.group_size, bits=self.key_bits)
-        new_v = mx.quantize(values, group_size=self.group_size, bits=self.value_bits)
+        new_k = self._quantize(keys, self.key_bits)
+        new_v = self._quantize(values, self.value_bits)
         if self.keys is None or prev + L > self.keys[0].shape[2]:
             self._grow(prev + L, new_k, new_v)
         for buffer, new in zip(self.keys + self.values, new_k + new_v):
@@ -188,9 +173,24 @@ class QuantizedCache(Cache):
         if self.keys is None:
             return None
         (kw, ks, kb), (vw, vs, vb) = self._fetch(self.offset)
-        keys = mx.dequantize(kw, ks, kb, group_size=self.group_size, bits=self.key_bits)
-        values = mx.dequantize(vw, vs, vb, group_size=self.group_size, bits=self.value_bits)
+        keys = self._dequantize((kw, ks, kb), self.key_bits)
+        values = self._dequantize((vw, vs, vb), self.value_bits)
         return keys.astype(ks.dtype), values.astype(vs.dtype)
+
+    @property
+    def narrow(self) -> bool:
+        """True for groups narrower than mx.quantize's (kvzoo's own packing, caches/affine.py)."""
+        return self.group_size in NARROW_GROUP_SIZES
+
+    def _quantize(self, x: mx.array, bits: int) -> list[mx.array]:
+        if self.narrow:
+            return list(affine.quantize(x, bits, self.group_size))
+        return list(mx.quantize(x, group_size=self.group_size, bits=bits))
+
+    def _dequantize(self, triple, bits: int) -> mx.array:
+        if self.narrow:
+            return affine.dequantize(*triple, bits, self.group_size)
+        return mx.dequantize(*triple, group_size=self.group_size, bits=bits)
 
     def _fetch(self, n: int) -> tuple[tuple, tuple]:
         return (tuple(a[..., :n, :] for a in self.keys), tuple(a[..., :n, :] for a in self.values))
@@ -224,8 +224,18 @@ class QuantizedCache(Cache):
         q_positions: mx.array,
         bias: Optional[Bias] = None,
     ) -> mx.array:
-        """Store, then softmax(q K^T * scale + bias, masked) V on the packed keys and values."""
+        """Store, then softmax(q K^T * scale + bias, masked) V on the packed keys and values
+        (narrow groups: on the keys and values dequantized, which mx.quantized_matmul cannot
+        read)."""
         q_keys, q_values = self.update_and_fetch(keys, values)
+        if self.narrow:
+            keys = self._dequantize(q_keys, self.key_bits).astype(queries.dtype)
+            values = self._dequantize(q_values, self.value_bits).astype(queries.dtype)
+            in_order = self.keys_in_order  # positions 0..offset-1: MLX's causal fast path
+            return scaled_dot_product_attention(
+                queries, keys, values, scale=scale, q_positions=q_positions,
+                k_positions=None if in_order else self.fetched_positions(),
+                reference=Reference(), bias=bias)
         B, Hq, L, D = queries.shape
         Hkv = q_keys[0].shape[1]
         n_rep = Hq // Hkv
@@ -265,7 +275,13 @@ class QuantizedCache(Cache):
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
         """mlx-lm's hook. mlx-lm's quantized attention reads `bits` and `group_size` for keys
-        and values alike, so different key and value widths are refused rather than misread."""
+        and values alike, so different key and value widths are refused rather than misread, and
+        mx.quantized_matmul cannot read groups narrower than 32."""
+        if self.narrow:
+            raise NotImplementedError(
+                f"mlx-lm's quantized attention runs mx.quantized_matmul, which needs groups of "
+                f"{MLX_GROUP_SIZES}; group_size={self.group_size} is kvzoo's own packing: use it "
+                f"with kvzoo models")
         if self.key_bits != self.value_bits:
             raise NotImplementedError(
                 f"mlx-lm's quantized attention uses one bit width for keys and values; this cache "
@@ -285,10 +301,11 @@ class QuantizedCache(Cache):
         if len(state) != 6 or not all(isinstance(a, mx.array) and a.ndim == 4 for a in state):
             raise ValueError("quantized cache state must be six 4-d arrays: key and value "
                              "(packed, scales, biases)")
-        dk = state[0].shape[3] * 32 // self.key_bits
-        dv = state[3].shape[3] * 32 // self.value_bits
-        expected = [(dk * self.key_bits // 32, mx.uint32), (dk // self.group_size, None),
-                    (dk // self.group_size, None), (dv * self.value_bits // 32, mx.uint32),
+        word, kind = (8, mx.uint8) if self.narrow else (32, mx.uint32)  # bits per packed element
+        dk = state[0].shape[3] * word // self.key_bits
+        dv = state[3].shape[3] * word // self.value_bits
+        expected = [(dk * self.key_bits // word, kind), (dk // self.group_size, None),
+                    (dk // self.group_size, None), (dv * self.value_bits // word, kind),
                     (dv // self.group_size, None), (dv // self.group_size, None)]
         dtype = state[1].dtype
         for a, (width, want) in zip(state, expected):

@@ -42,6 +42,38 @@ class Reference:
         each alternative applies. Default: none."""
         return []
 
+    def positions_as_seen(self, q_positions: mx.array,
+                          k_positions: mx.array) -> Optional[tuple[mx.array, mx.array]]:
+        """For a cache that assigns positions itself (StreamingLLM: keys stored before RoPE and
+        attended at their place in the cache): (query positions [Lq], key positions [Lq, Lk]),
+        the position each query has and the one each key has for that query, at which RoPE
+        rotates them and ALiBi measures distances. None (the default): the absolute positions.
+        Only keys the query sees (`mask`) matter."""
+        return None
+
+    def layer(self, index: int) -> "Reference":
+        """The reference of attention layer `index` (0 = first), for caches whose layers differ
+        (eviction: each layer keeps the keys its own scores chose). Default: this one for all."""
+        return self
+
+    def rounded_for(self, q_positions: mx.array,
+                    k_positions: mx.array) -> Optional[tuple[mx.array, mx.array]]:
+        """For a reference where a query reads some keys rounded and others exact (KIVI: the
+        most recent tokens in full precision): boolean (keys, values) [Lq, Lk], True where query
+        reads the `transform_kv` (rounded) key or value, False where the exact one. None (the
+        default): every query reads `transform_kv`'s."""
+        return None
+
+    @property
+    def repositions(self) -> bool:
+        """True when the reference assigns its own positions (`positions_as_seen`)."""
+        return type(self).positions_as_seen is not Reference.positions_as_seen
+
+    @property
+    def mixes(self) -> bool:
+        """True when queries read some keys rounded and some exact (`rounded_for`)."""
+        return type(self).rounded_for is not Reference.rounded_for
+
     @property
     def causal(self) -> bool:
         """True when `mask` is plain causal visibility (attention may use MLX's fast paths)."""
@@ -126,6 +158,13 @@ class StoredReference(Reference):
     @property
     def causal(self) -> bool:
         return self.inner.causal
+
+    def rounded_for(self, q_positions, k_positions):
+        return self.inner.rounded_for(q_positions, k_positions)
+
+    @property
+    def mixes(self) -> bool:
+        return self.inner.mixes
 
     def transform_kv(self, keys, values):
         layer = len(self.computed)

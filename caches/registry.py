@@ -113,6 +113,8 @@ def make(name: str, model: Any, **options: Any) -> list[Cache]:
             cache.heads_group = group
     for cache in caches[:1]:
         cache.check_model(model)
+    for cache in caches:
+        cache.join(caches)
     return caches
 
 

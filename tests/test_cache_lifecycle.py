@@ -39,7 +39,10 @@ def test_decoding_after_trim_equals_never_having_the_tokens(model, name, options
     if not check_trim(model, name, options):
         cache = caches.make(name, model, **options)
         feed(model, cache, tokens_of(13), [13])
-        assert cache[0].size() < cache[0].offset  # only a cache that dropped tokens may refuse
+        # Only a cache that dropped tokens, or lost their precision past the trim horizon it
+        # declares (kivi: quantized values cannot be made exact again), may refuse.
+        horizon = cache[0].trim_horizon()
+        assert cache[0].size() < cache[0].offset or (horizon is not None and horizon < cache[0].offset)
 
 
 @pytest.mark.parametrize("name,options", EXAMPLES, ids=IDS)

@@ -228,11 +228,11 @@ def test_4_bit_group_64_takes_at_most_30_percent_of_fp16():
     (dict(bits=1), r"bits must be one of"),
     (dict(bits="4"), r"bits must be one of"),
     (dict(bits=4.0), r"bits must be one of"),
-    (dict(group_size=16), r"group_size must be one of \(32, 64, 128\), got 16"),
+    (dict(group_size=12), r"group_size must be one of \(4, 8, 16, 32, 64, 128\), got 12"),
     (dict(group_size=48), r"group_size must be one of"),
     (dict(key_bits=9), r"key_bits must be one of"),
     (dict(value_bits=0), r"value_bits must be one of"),
-    (dict(group_size=64), r"group_size 64 does not divide the head size 32.*fit this model: 32"),
+    (dict(group_size=64), r"group_size 64 does not divide the head size 32.*fit this model: 4, 8, 16, 32"),
     (dict(group_size=128), r"group_size 128 does not divide the head size 32"),
 ])
 def test_bad_options_are_clear_errors_at_construction(options, message):
@@ -243,9 +243,13 @@ def test_bad_options_are_clear_errors_at_construction(options, message):
 
 def test_head_size_no_group_fits_and_direct_use_is_checked():
     model = zoo.build("llama", preset="tiny", head_dim=8)
-    with pytest.raises(ValueError, match="head size 8.*none"):
+    with pytest.raises(ValueError, match="head size 8.*fit this model: 4, 8"):
         caches.make("quantized", model, group_size=32)
-    assert caches.examples("quantized", head_dim=8, seq_len=10) == []
+    assert {ex["group_size"] for ex in caches.examples("quantized", head_dim=8, seq_len=10)} <= {4, 8}
+    model = zoo.build("llama", preset="tiny", head_dim=6)
+    with pytest.raises(ValueError, match="head size 6.*none"):
+        caches.make("quantized", model, group_size=4)
+    assert caches.examples("quantized", head_dim=6, seq_len=10) == []
     assert all(64 % ex["group_size"] == 0
                for ex in caches.examples("quantized", head_dim=64, seq_len=10))
     cache = QuantizedCache(bits=4, group_size=64)

@@ -151,9 +151,9 @@ def approximate_cases():
 @pytest.mark.parametrize("cache,options", approximate_cases())
 def test_approximate_caches_match_the_uncached_model_under_their_reference(model, prompt, cache, options):
     layer_caches = caches.make(cache, model, **options)
-    reference = layer_caches[0].reference
-    expected, expected_logits = greedy_uncached(model, prompt, NEW_TOKENS, reference=reference)
     ours, logprobs = greedy_cached(model, prompt, NEW_TOKENS, layer_caches, prefill_step=3)
+    reference = layer_caches[0].reference  # after the run: an eviction cache's is its record
+    expected, expected_logits = greedy_uncached(model, prompt, NEW_TOKENS, reference=reference)
     assert_greedy_agrees(ours, expected, expected_logits)
     agree = next((i for i, (a, b) in enumerate(zip(ours, expected)) if a != b), len(ours))
     np.testing.assert_allclose(logprobs[:agree], log_softmax(expected_logits)[:agree], atol=LOGIT_TOL, rtol=0)

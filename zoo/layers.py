@@ -6,12 +6,13 @@ in a family touches positions, masks or caches directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import mlx.core as mx
 
 from caches import Cache, Reference, scaled_dot_product_attention
+from caches.attention import mixed_attention, repositioned_attention
 from positional import Positional
 
 # The cache API's bias hook: (q_positions, k_positions) -> additive bias or None.
@@ -26,6 +27,20 @@ class Context:
     positional: Positional
     reference: Reference  # what the uncached path must do (ignored when a cache is given)
     window: Optional[int] = None  # the model's sliding window (ModelConfig.sliding_window)
+    _layers_seen: list = field(default_factory=lambda: [0], compare=False, repr=False)
+
+    def layer_reference(self) -> Reference:
+        """The reference of the next attention layer of this forward (layers attend in order)."""
+        index = self._layers_seen[0]
+        self._layers_seen[0] += 1
+        return self.reference.layer(index)
+
+    def rotate(self) -> Optional[Callable[[mx.array, mx.array], mx.array]]:
+        """(x [..., L, D], contiguous positions [L]) -> x rotated by the positional scheme, for a
+        cache or reference that places keys itself; None when the scheme does not rotate."""
+        if type(self.positional).rotate is Positional.rotate:
+            return None
+        return lambda x, positions: self.positional.rotate(x, x, positions)[0]
 
 
 def attend(
@@ -36,16 +51,30 @@ def attend(
     cache: Optional[Cache],
     scale: float,
 ) -> mx.array:
-    """Attention output [B, Hq, L, D] for queries [B, Hq, L, D], keys/values [B, Hkv, L, D]."""
-    queries, keys = ctx.positional.rotate(queries, keys, ctx.positions)
+    """Attention output [B, Hq, L, D] for queries [B, Hq, L, D], keys/values [B, Hkv, L, D].
+
+    A cache that places keys itself (`rotates_keys`, StreamingLLM) gets them before RoPE, with
+    the scheme's rotation; so does the oracle of a reference that assigns positions."""
     bias = ctx.positional.bias if ctx.positional.uses_bias else None
     if ctx.window is not None:
         bias = window_bias(ctx.window, bias)
+    if cache is not None and cache.rotates_keys:
+        return cache.attend(queries, keys, values, scale=scale, q_positions=ctx.positions,
+                            bias=bias, rotate=ctx.rotate())
+    reference = ctx.layer_reference() if cache is None else None
+    if reference is not None and reference.repositions:
+        keys, values = reference.transform_kv(keys, values)
+        return repositioned_attention(queries, keys, values, scale=scale, q_positions=ctx.positions,
+                                      reference=reference, rotate=ctx.rotate(), bias=bias)
+    queries, keys = ctx.positional.rotate(queries, keys, ctx.positions)
     if cache is not None:
         return cache.attend(
             queries, keys, values, scale=scale, q_positions=ctx.positions, bias=bias
         )
-    keys, values = ctx.reference.transform_kv(keys, values)
+    if reference.mixes:
+        return mixed_attention(queries, keys, values, scale=scale, q_positions=ctx.positions,
+                               reference=reference, bias=bias)
+    keys, values = reference.transform_kv(keys, values)
     return scaled_dot_product_attention(
         queries,
         keys,
@@ -53,7 +82,7 @@ def attend(
         scale=scale,
         q_positions=ctx.positions,
         k_positions=None,  # uncached: keys are positions 0..L-1 in order
-        reference=ctx.reference,
+        reference=reference,
         bias=bias,
     )
 

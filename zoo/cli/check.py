@@ -55,8 +55,10 @@ def check_pairings(
     layouts: Optional[Iterable[str]] = None,
     seed: int = 0,
     progress=None,
+    skipped: Optional[list[str]] = None,
 ) -> list[Row]:
-    """Check every requested pairing; returns one Row per (pairing, cache option set)."""
+    """Check every requested pairing; returns one Row per (pairing, cache option set). A cache
+    that refuses a model by design (caches.Unsupported) is noted in `skipped` with its reason."""
     families = _choose(families, available_families(), "family")
     schemes = _choose(schemes, positional.available(), "positional scheme")
     cache_names = _choose(cache_names, caches.available(), "cache")
@@ -73,9 +75,14 @@ def check_pairings(
                 for name in cache_names:
                     for options in caches.examples(name, head_dim=model.config.head_dim,
                                                    seq_len=seq_len):
-                        report = conformance.check(
-                            model, lambda: caches.make(name, model, **options), prompt,
-                            chunks=CHUNKS, decode=DECODE)
+                        try:
+                            report = conformance.check(
+                                model, lambda: caches.make(name, model, **options), prompt,
+                                chunks=CHUNKS, decode=DECODE)
+                        except caches.Unsupported as refusal:
+                            if skipped is not None:
+                                skipped.append(f"{name} on {family}/{scheme}/{layout}: {refusal}")
+                            continue
                         exact = caches.exact_for(name, seq_len=seq_len, **options)
                         rows.append(Row(family, scheme, layout, name, dict(options), exact, report))
                         if progress:
@@ -126,8 +133,12 @@ def check_checkpoint(
         if not examples:
             skipped.append(f"{name}: no option set fits this model (head_dim {cfg.head_dim})")
         for options in examples:
-            report = conformance.check(model, lambda: caches.make(name, model, **options), tokens,
-                                       chunks=chunks, decode=decode)
+            try:
+                report = conformance.check(model, lambda: caches.make(name, model, **options), tokens,
+                                           chunks=chunks, decode=decode)
+            except caches.Unsupported as refusal:
+                skipped.append(f"{name}: {refusal}")
+                break
             rows.append(Row(cfg.family, cfg.positional, cfg.layout, name, dict(options),
                             caches.exact_for(name, seq_len=seq_len, **options), report))
             if progress:
@@ -224,8 +235,9 @@ def run(args: argparse.Namespace) -> int:
         setup = (f"{args.model}; prompt {args.prompt!r} in chunks of {CHUNKS} (cycled), "
                  f"{args.decode} greedy steps")
     else:
-        rows = check_pairings(args.families, args.positional, args.caches, args.layouts, args.seed, progress)
         skipped = []
+        rows = check_pairings(args.families, args.positional, args.caches, args.layouts, args.seed, progress,
+                              skipped=skipped)
         setup = f"prompt {PROMPT_LEN} tokens in chunks {CHUNKS}, {DECODE} greedy steps"
     print("\r".ljust(73) + "\r", end="", file=sys.stderr)
     print(format_table(rows))

@@ -40,6 +40,8 @@ def enabled() -> bool:
 class _Slot:
     """One layer's buffers inside the traced step: what `zoo.layers.attend` calls `cache`."""
 
+    rotates_keys = False  # keys arrive rotated, as for a PreallocatedCache (caches.Cache's default)
+
     def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
         self.keys, self.values, self.offset = keys, values, offset  # [B, Hkv, S, D], int32 [1]
 

@@ -1,0 +1,254 @@
+"""The literature caches against transcriptions of their papers' reference code (PyTorch).
+
+- streaming: mit-han-lab/streaming-llm, StartRecentKVCache (evict to start + recent after each
+  token) with pos_shift attention (keys re-rotated at 0..len-1, HF's rotate_half RoPE, query at
+  its place in the cache), one token at a time: our cache with window = recent + 1 (the query
+  itself is in our window) gives the same attention outputs.
+- h2o: FMInference/H2O, H2OKVCache_LayerWise (_update_hh_score accumulating softmax weights,
+  __call__ keeping topk(hh_score[:-recent]) + the recent tokens), run on the attention of the
+  keys it kept: our cache keeps the same positions and attends the same.
+- snapkv: FasterDecoding/SnapKV, SnapKVCluster.update_kv (window queries' softmax, causal inside
+  the window, summed, avg_pool1d, topk): our compression keeps the same keys.
+
+One head, so that their per-head choice and our per-layer one are the same thing. Also the
+memory the eviction caches really hold, and kivi's bytes against an fp16 cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import caches
+import zoo
+from caches.h2o import H2OCache
+from caches.snapkv import SnapKVCache, pooled_votes
+from caches.streaming import StreamingCache
+from helpers.assets import require_module
+from positional.rope import RoPE
+
+torch = require_module("torch")
+F = torch.nn.functional
+
+
+def hf_rope(x, positions, base=10000.0):
+    """HF Llama's RoPE (rotate_half pairing), in torch: x [..., L, D] at positions [L]."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    angles = torch.tensor(positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def draws(seed, n, H=1, D=16):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((1, H, n, D)).astype(np.float32) for _ in range(3)]
+
+
+# -- StreamingLLM ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start,recent", [(4, 6), (2, 3), (0, 5), (1, 1)])
+def test_streaming_attends_as_start_recent_with_pos_shift(start, recent):
+    n, D = 24, 16
+    q, k, v = draws(start * 10 + recent, n, D=D)
+    # Theirs: decode one token at a time, evict to start + recent after each step.
+    past_k = past_v = None
+    theirs = []
+    for t in range(n):
+        kt, vt, qt = (torch.tensor(a[:, :, t : t + 1]) for a in (k, v, q))
+        past_k = kt if past_k is None else torch.cat([past_k, kt], dim=2)
+        past_v = vt if past_v is None else torch.cat([past_v, vt], dim=2)
+        length = past_k.shape[2]
+        keys = hf_rope(past_k, list(range(length)))  # key pos is the pos in cache
+        query = hf_rope(qt, [length - 1])
+        weights = torch.softmax(query @ keys.transpose(2, 3) / math.sqrt(D), dim=-1)
+        theirs.append((weights @ past_v).numpy())
+        if length > start + recent:  # StartRecentKVCache.__call__
+            past_k = torch.cat([past_k[:, :, :start], past_k[:, :, length - recent :]], dim=2)
+            past_v = torch.cat([past_v[:, :, :start], past_v[:, :, length - recent :]], dim=2)
+    # Ours: window = recent + 1 (our window counts the query itself).
+    rope = RoPE(D)
+    rotate = lambda x, p: rope.rotate(x, x, p)[0]  # noqa: E731
+    cache = StreamingCache(sinks=start, window=recent + 1)
+    ours = []
+    for t in range(n):
+        pos = mx.array([t], dtype=mx.int32)
+        out = cache.attend(mx.array(q[:, :, t : t + 1]), mx.array(k[:, :, t : t + 1]), mx.array(v[:, :, t : t + 1]),
+                           scale=1 / math.sqrt(D), q_positions=pos, rotate=rotate)
+        ours.append(np.array(out))
+    np.testing.assert_allclose(np.concatenate(ours, 2), np.concatenate(theirs, 2), atol=2e-5, rtol=0)
+    assert cache.size() == min(n, start + recent + 1)
+
+
+def test_streaming_refuses_learned_positions_and_mlx_lm_with_the_reason():
+    with pytest.raises(caches.Unsupported, match="absolute positions to the token embeddings"):
+        caches.make("streaming", zoo.build("gpt2", preset="tiny", positional="learned"))
+    cache = caches.make("streaming", zoo.build("llama", preset="tiny"))[0]
+    with pytest.raises(NotImplementedError, match="rotate keys by their absolute positions"):
+        cache.make_mask(1)
+
+
+# -- H2O ------------------------------------------------------------------------------------
+
+
+class H2OKVCache_LayerWise:
+    """Transcribed from FMInference/H2O h2o_hf/utils_real_drop/modify_llama.py."""
+
+    def __init__(self, hh_size=4, recent_size=512, k_seq_dim=2, v_seq_dim=2):
+        self.hh_size = hh_size
+        self.recent_size = recent_size
+        self.cache_size = hh_size + recent_size
+        self.k_seq_dim = k_seq_dim
+        self.hh_score = None
+
+    def __call__(self, past_key_values, attn_score_cache):
+        self._update_hh_score(attn_score_cache)
+        seq_len = past_key_values[0].size(self.k_seq_dim)
+        if seq_len <= self.cache_size:
+            return past_key_values
+        bsz, num_heads, _, head_dim = past_key_values[0].shape
+        select_hh_scores = self.hh_score[:, :seq_len - self.recent_size]
+        _, keep_topk = torch.topk(select_hh_scores, self.hh_size, dim=-1)
+        keep_topk = keep_topk.sort().values
+        keep_recent = torch.arange(seq_len - self.recent_size, seq_len).repeat(keep_topk.shape[0], 1)
+        keep_idx = torch.cat([keep_topk, keep_recent], dim=-1)
+        mask = torch.zeros(self.hh_score.shape, dtype=torch.bool)
+        mask = mask.scatter(-1, keep_idx, 1)
+        # theirs: .squeeze(), the same for bsz 1 and several heads; [0] keeps one head a head
+        k_hh_recent = past_key_values[0][0][mask].view(bsz, num_heads, -1, head_dim)
+        v_hh_recent = past_key_values[1][0][mask].view(bsz, num_heads, -1, head_dim)
+        self.hh_score = self.hh_score[mask].view(num_heads, self.cache_size)
+        return (k_hh_recent, v_hh_recent)
+
+    def _update_hh_score(self, attn_score_cache):
+        num_new_tokens = attn_score_cache.shape[2]
+        if self.hh_score is None:
+            self.hh_score = attn_score_cache.sum(0).sum(1)
+        else:
+            attn_score_cache = attn_score_cache.sum(0).sum(1)
+            attn_score_cache[:, :-num_new_tokens] += self.hh_score
+            self.hh_score = attn_score_cache
+
+
+@pytest.mark.parametrize("budget,recent,prompt", [(8, 2, 10), (6, 3, 6), (5, 1, 12)])
+def test_h2o_keeps_and_attends_what_h2o_reference_code_does(budget, recent, prompt):
+    n, D = 30, 16
+    q, k, v = draws(budget + recent, n, D=D)
+    theirs_cache = H2OKVCache_LayerWise(hh_size=budget - recent, recent_size=recent)
+    past, theirs, kept_theirs = None, [], []
+    positions = []
+    steps = [(0, prompt)] + [(t, t + 1) for t in range(prompt, n)]
+    for a, b in steps:  # the prompt at once, then one token at a time
+        kt, vt, qt = (torch.tensor(x[:, :, a:b]) for x in (k, v, q))
+        past = (kt, vt) if past is None else (torch.cat([past[0], kt], 2), torch.cat([past[1], vt], 2))
+        positions += list(range(a, b))
+        scores = qt @ past[0].transpose(2, 3) / math.sqrt(D)
+        causal = torch.tensor(positions)[None, :] > torch.arange(a, b)[:, None]
+        weights = torch.softmax(scores.masked_fill(causal, -float("inf")), dim=-1)
+        theirs.append((weights @ past[1]).numpy())
+        kept = theirs_cache(past, weights)
+        if kept is not past:  # which positions survived: match the kept keys back
+            keep = [i for i in range(past[0].shape[2]) if any(torch.equal(past[0][0, 0, i], kk) for kk in kept[0][0, 0])]
+            positions = [positions[i] for i in keep]
+            past = kept
+        kept_theirs.append(list(positions))
+    cache = H2OCache(budget=budget, recent=recent)
+    ours = []
+    for (a, b), want in zip(steps, kept_theirs):
+        out = cache.attend(mx.array(q[:, :, a:b]), mx.array(k[:, :, a:b]), mx.array(v[:, :, a:b]),
+                           scale=1 / math.sqrt(D), q_positions=mx.arange(a, b, dtype=mx.int32))
+        ours.append(np.array(out))
+        assert cache.key_positions().tolist() == want, (a, b)
+    np.testing.assert_allclose(np.concatenate(ours, 2), np.concatenate(theirs, 2), atol=2e-5, rtol=0)
+
+
+def test_eviction_caches_really_free_memory():
+    """After each step a layer holds at most `budget` keys (h2o) or budget + decoded (snapkv),
+    measured as the bytes of the arrays it keeps."""
+    model = zoo.build("llama", preset="tiny", n_kv_heads=2, seed=4)
+    cfg = model.config
+    per_token = 2 * cfg.n_kv_heads * cfg.head_dim * 4  # fp32 keys + values of one layer
+    tokens = [(7 * i * i + 3) % cfg.vocab_size for i in range(60)]
+    for name, options, bound in [("h2o", dict(budget=16, recent=4), lambda decoded: 16),
+                                 ("snapkv", dict(budget=16, window=4), lambda decoded: 16 + decoded)]:
+        cache = caches.make(name, model, **options)
+        model(mx.array([tokens[:40]]), cache)
+        for i, t in enumerate(tokens[40:]):
+            model(mx.array([[t]]), cache)
+            for layer in cache:
+                kv = layer.keys.nbytes + layer.values.nbytes
+                assert kv == layer.size() * per_token <= bound(i + 1) * per_token
+                assert layer.nbytes - kv < 8 * layer.offset + 8 * 64  # record + scores: a few bytes a token
+
+
+# -- SnapKV ---------------------------------------------------------------------------------
+
+
+def snapkv_update_kv(key_states, query_states, value_states, window_size, max_capacity_prompt, kernel_size):
+    """Transcribed from FasterDecoding/SnapKV snapkv/monkeypatch/snapkv_utils.py (avgpool)."""
+    bsz, num_heads, q_len, head_dim = query_states.shape
+    if q_len < max_capacity_prompt:
+        return key_states, value_states
+    attn_weights = torch.matmul(query_states[..., -window_size:, :], key_states.transpose(2, 3)) / math.sqrt(head_dim)
+    mask = torch.full((window_size, window_size), torch.finfo(attn_weights.dtype).min)
+    mask_cond = torch.arange(mask.size(-1))
+    mask.masked_fill_(mask_cond < (mask_cond + 1).view(mask.size(-1), 1), 0)
+    attn_weights[:, :, -window_size:, -window_size:] += mask[None, None, :, :]
+    attn_weights = torch.softmax(attn_weights, dim=-1, dtype=torch.float32)
+    attn_weights_sum = attn_weights[:, :, -window_size:, :-window_size].sum(dim=-2)
+    attn_cache = F.avg_pool1d(attn_weights_sum, kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+    indices = attn_cache.topk(max_capacity_prompt - window_size, dim=-1).indices
+    indices = indices.unsqueeze(-1).expand(-1, -1, -1, head_dim)
+    k_past_compress = key_states[:, :, :-window_size, :].gather(dim=2, index=indices)
+    v_past_compress = value_states[:, :, :-window_size, :].gather(dim=2, index=indices)
+    return (torch.cat([k_past_compress, key_states[:, :, -window_size:, :]], dim=2),
+            torch.cat([v_past_compress, value_states[:, :, -window_size:, :]], dim=2))
+
+
+@pytest.mark.parametrize("budget,window,kernel", [(10, 4, 5), (12, 3, 3), (8, 2, 1), (16, 8, 7)])
+def test_snapkv_compresses_to_the_keys_snapkv_reference_code_keeps(budget, window, kernel):
+    n, D = 32, 16
+    q, k, v = draws(budget * window + kernel, n, D=D)
+    kept_k, _ = snapkv_update_kv(torch.tensor(k), torch.tensor(q), torch.tensor(v), window, budget, kernel)
+    theirs = sorted(next(j for j in range(n) if np.array_equal(k[0, 0, j], row)) for row in kept_k[0, 0].numpy())
+    cache = SnapKVCache(budget=budget, window=window, kernel_size=kernel)
+    cache.attend(mx.array(q), mx.array(k), mx.array(v), scale=1 / math.sqrt(D),
+                 q_positions=mx.arange(n, dtype=mx.int32))  # the prompt
+    cache.attend(mx.array(q[:, :, :1]), mx.array(k[:, :, :1]), mx.array(v[:, :, :1]), scale=1 / math.sqrt(D),
+                 q_positions=mx.array([n], dtype=mx.int32))  # decoding starts: it compresses
+    assert cache.key_positions().tolist() == theirs + [n]
+
+
+def test_snapkv_pool_is_torch_avg_pool1d():
+    votes = np.random.default_rng(0).random(17).astype(np.float32)
+    for kernel in (1, 3, 5, 7):
+        theirs = F.avg_pool1d(torch.tensor(votes)[None], kernel_size=kernel, padding=kernel // 2, stride=1)[0]
+        np.testing.assert_allclose(np.array(pooled_votes(mx.array(votes), kernel)), theirs.numpy(), atol=1e-6)
+
+
+# -- KIVI -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_bytes_against_fp16(bits):
+    """Quantized part: D * bits / 8 per key and value, plus fp16 scale and bias per channel per
+    key group and per value group; the residual window in fp16."""
+    model = zoo.build("llama", preset="tiny", n_kv_heads=2, seed=4, dtype=mx.float16)
+    cfg = model.config
+    n, G, R = 200, 32, 32
+    cache = caches.make("kivi", model, bits=bits, group_size=G, residual=R)
+    model(mx.array([[(5 * i + 1) % cfg.vocab_size for i in range(n)]]), cache)
+    D, H = cfg.head_dim, cfg.n_kv_heads
+    nk, nv = (n - R) // G * G, n - R
+    want = H * (nk * D * bits // 8 + 2 * 2 * D * nk // G  # keys: packed + scale/bias per channel and group
+                + nv * D * bits // 8 + 2 * 2 * nv * D // G  # values: packed + scale/bias per group
+                + 2 * D * ((n - nk) + (n - nv)))  # the exact window, fp16
+    assert cache[0].nbytes == want
+    fp16 = H * n * D * 2 * 2
+    assert cache[0].nbytes < (0.45 if bits == 4 else 0.35) * fp16
