@@ -144,7 +144,11 @@ class RowParallelLinear(nn.Module):
 
 class HeadSlicedPositional(Positional):
     """A scheme with a per-head bias, seen from one process: the bias of the global heads,
-    rows [start, stop) kept. Positions, embeddings and rotations pass through unchanged."""
+    rows [start, stop) kept. Positions, embeddings and rotations pass through unchanged.
+
+    Build it with `around(inner, start, stop)`: its class then overrides the hooks `inner`'s
+    class overrides and no others, so code that asks which hooks a scheme has (the streaming
+    cache refuses schemes that embed positions) gets the inner scheme's answer."""
 
     def __init__(self, inner: Positional, start: int, stop: int):
         super().__init__()
@@ -152,20 +156,31 @@ class HeadSlicedPositional(Positional):
         self.start, self.stop = start, stop
         self.name, self.max_positions, self.uses_bias = inner.name, inner.max_positions, inner.uses_bias
 
-    def embed(self, h, positions):
-        return self.inner.embed(h, positions)
-
-    def rotate(self, queries, keys, positions):
-        return self.inner.rotate(queries, keys, positions)
-
-    def check_positions(self, offset, length):
-        return self.inner.check_positions(offset, length)
+    @classmethod
+    def around(cls, inner: Positional, start: int, stop: int) -> "HeadSlicedPositional":
+        kind = type(inner)
+        if kind not in _SLICED:
+            hooks = {name: _delegate(name) for name in ("embed", "rotate", "check_positions")
+                     if getattr(kind, name) is not getattr(Positional, name)}
+            _SLICED[kind] = type(f"HeadSliced{kind.__name__}", (cls,), hooks)
+        return _SLICED[kind](inner, start, stop)
 
     def bias(self, q_positions, k_positions):
         full = self.inner.bias(q_positions, k_positions)  # [Hq, Lq, Lk] or [B, Hq, Lq, Lk]
         if full is None or full.ndim < 3 or full.shape[-3] == 1:
             return full  # no bias, or one shared by every head
         return full[..., self.start : self.stop, :, :]
+
+
+_SLICED: dict[type, type] = {}  # scheme class -> its HeadSlicedPositional class
+
+
+def _delegate(name: str):
+    def hook(self, *args):
+        return getattr(self.inner, name)(*args)
+
+    hook.__name__ = name
+    return hook
 
 
 # -- sharding a model -----------------------------------------------------------------------
@@ -283,7 +298,7 @@ def shard(model: nn.Module, group: Optional[GroupLike] = None, *, evaluate: bool
     for block in model.layers:  # refuse before changing anything
         _check_block(block)
     if model.positional.uses_bias:
-        _replace_positional(model, HeadSlicedPositional(model.positional, *part.q_heads))
+        _replace_positional(model, HeadSlicedPositional.around(model.positional, *part.q_heads))
     for block in model.layers:
         attn, mlp = _parts(block)
         _shard_attention(attn, part, cfg.head_dim, group)
