@@ -188,6 +188,24 @@ class Cache:
         """Called by caches.make (and caches.load) with the model's whole list of caches, in
         layer order: for a cache whose reference covers every layer (eviction records)."""
 
+    # The processes holding this layer's other heads when the model is split by heads
+    # (zoo.shard sets model.heads_group; caches.make hands it on); None in one process.
+    heads_group: Any = None
+
+    def across_heads(self, x: mx.array) -> mx.array:
+        """`x`, summed over the heads this process holds, summed over every head of the layer.
+
+        A cache whose choices combine heads (an eviction score summed over heads, as H2O and
+        SnapKV keep one set of keys per layer) sums through this, so that split over
+        processes by heads every process chooses what one process would. Identity when the
+        model is whole."""
+        group = self.heads_group
+        if group is None:
+            return x
+        if isinstance(group, mx.distributed.Group):
+            return mx.distributed.all_sum(x, group=group)
+        return group.all_sum(x)  # a stand-in group (zoo.distributed.GroupLike)
+
     def _trim_refusal(self) -> Optional[str]:
         """Why `trim` cannot remove tokens right now, or None when it can."""
         if type(self)._trim is Cache._trim:

@@ -107,6 +107,10 @@ def make(name: str, model: Any, **options: Any) -> list[Cache]:
     if layers is None:
         raise TypeError(f"caches.make needs a model with a `layers` list, got {type(model).__name__}")
     caches = [cls(**options) for _ in layers]
+    group = getattr(model, "heads_group", None)  # split by heads (zoo.shard): Cache.across_heads
+    if group is not None:
+        for cache in caches:
+            cache.heads_group = group
     for cache in caches[:1]:
         cache.check_model(model)
     for cache in caches:

@@ -5,7 +5,8 @@ one process against two local processes (mlx.launch --backend ring -n 2) on this
     python docs/measure_distributed.py --paper         # the formulas' tables only (instant)
 
 The measured model is a random-weight llama "small" preset (12 layers, d_model 768, 12 heads,
-4 kv heads, SwiGLU 2048, vocab 32000; ~110M parameters, fp32), saved as an HF folder and
+4 kv heads, SwiGLU 2048, vocab 32000; ~100M parameters, fp32, init std 0.1 so that greedy
+decoding does not repeat one token), saved as an HF folder and
 loaded by each process through zoo.load_model(folder, group=) (sliced while reading). Every
 process reports its own weight bytes, cache bytes and peak memory; rank 0 its speed. On two
 shared CPU cores two processes cannot be faster than one: the point is the memory per process
@@ -162,7 +163,7 @@ def measure() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder, out = Path(tmp, "model"), Path(tmp, "out")
         out.mkdir()
-        subprocess.run([sys.executable, "-c", "import sys, zoo; zoo.save(zoo.build('llama', preset='small'), sys.argv[1])",
+        subprocess.run([sys.executable, "-c", "import sys, zoo; zoo.save(zoo.build('llama', preset='small', init_std=0.1), sys.argv[1])",
                         str(folder)], check=True, env=env, cwd=ROOT)
         me = [sys.executable, str(Path(__file__).resolve()), "--worker", str(folder), str(out)]
         subprocess.run(me, check=True, env=env, cwd=ROOT)
@@ -187,7 +188,8 @@ def measured_table(runs: dict) -> str:
                                    ("decode tok/s", "decode_tok_s", 1, ".1f")]:
         lines.append(f"| {label} | {one[key] / scale:{fmt}} | {r0[key] / scale:{fmt}} | {r1[key] / scale:{fmt}} |")
     lines.append(f"| all-sum of one token's activations (us) | - | {r0['allsum_us']:.0f} | {r1['allsum_us']:.0f} |")
-    lines.append(f"\nsame greedy tokens: {one['tokens'] == r0['tokens'] == r1['tokens']}")
+    lines.append(f"\nsame greedy tokens: {one['tokens'] == r0['tokens'] == r1['tokens']} "
+                 f"({len(set(one['tokens']))} distinct among {len(one['tokens'])})")
     return "\n".join(lines)
 
 

@@ -39,8 +39,6 @@ they are copied), plus the full embedding, norms and LM head, plus its heads' ca
 
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -63,14 +61,6 @@ def all_sum(x: mx.array, group: Any) -> mx.array:
     if isinstance(group, mx.distributed.Group):
         return mx.distributed.all_sum(x, group=group)
     return group.all_sum(x)
-
-
-def all_gather(x: mx.array, group: Any) -> mx.array:
-    """Every process's `x`, concatenated along axis 0 in rank order (mx.distributed.all_gather;
-    a stand-in without all_gather returns its own)."""
-    if isinstance(group, mx.distributed.Group):
-        return mx.distributed.all_gather(x, group=group)
-    return group.all_gather(x) if hasattr(group, "all_gather") else x
 
 
 # -- which heads and units each process holds ---------------------------------------------
@@ -154,7 +144,11 @@ class RowParallelLinear(nn.Module):
 
 class HeadSlicedPositional(Positional):
     """A scheme with a per-head bias, seen from one process: the bias of the global heads,
-    rows [start, stop) kept. Positions, embeddings and rotations pass through unchanged."""
+    rows [start, stop) kept. Positions, embeddings and rotations pass through unchanged.
+
+    Build it with `around(inner, start, stop)`: its class then overrides the hooks `inner`'s
+    class overrides and no others, so code that asks which hooks a scheme has (the streaming
+    cache refuses schemes that embed positions) gets the inner scheme's answer."""
 
     def __init__(self, inner: Positional, start: int, stop: int):
         super().__init__()
@@ -162,20 +156,31 @@ class HeadSlicedPositional(Positional):
         self.start, self.stop = start, stop
         self.name, self.max_positions, self.uses_bias = inner.name, inner.max_positions, inner.uses_bias
 
-    def embed(self, h, positions):
-        return self.inner.embed(h, positions)
-
-    def rotate(self, queries, keys, positions):
-        return self.inner.rotate(queries, keys, positions)
-
-    def check_positions(self, offset, length):
-        return self.inner.check_positions(offset, length)
+    @classmethod
+    def around(cls, inner: Positional, start: int, stop: int) -> "HeadSlicedPositional":
+        kind = type(inner)
+        if kind not in _SLICED:
+            hooks = {name: _delegate(name) for name in ("embed", "rotate", "check_positions")
+                     if getattr(kind, name) is not getattr(Positional, name)}
+            _SLICED[kind] = type(f"HeadSliced{kind.__name__}", (cls,), hooks)
+        return _SLICED[kind](inner, start, stop)
 
     def bias(self, q_positions, k_positions):
         full = self.inner.bias(q_positions, k_positions)  # [Hq, Lq, Lk] or [B, Hq, Lq, Lk]
         if full is None or full.ndim < 3 or full.shape[-3] == 1:
             return full  # no bias, or one shared by every head
         return full[..., self.start : self.stop, :, :]
+
+
+_SLICED: dict[type, type] = {}  # scheme class -> its HeadSlicedPositional class
+
+
+def _delegate(name: str):
+    def hook(self, *args):
+        return getattr(self.inner, name)(*args)
+
+    hook.__name__ = name
+    return hook
 
 
 # -- sharding a model -----------------------------------------------------------------------
@@ -293,7 +298,7 @@ def shard(model: nn.Module, group: Optional[GroupLike] = None, *, evaluate: bool
     for block in model.layers:  # refuse before changing anything
         _check_block(block)
     if model.positional.uses_bias:
-        _replace_positional(model, HeadSlicedPositional(model.positional, *part.q_heads))
+        _replace_positional(model, HeadSlicedPositional.around(model.positional, *part.q_heads))
     for block in model.layers:
         attn, mlp = _parts(block)
         _shard_attention(attn, part, cfg.head_dim, group)
@@ -301,9 +306,7 @@ def shard(model: nn.Module, group: Optional[GroupLike] = None, *, evaluate: bool
         if evaluate:
             mx.eval(block.parameters())
     model.distributed = part
-    # eviction caches (h2o, snapkv) score keys by attention summed over a layer's heads: they
-    # gather every process's per-head scores (rank order = global head order) and sum those
-    model.gather_heads = functools.partial(all_gather, group=group)
+    model.heads_group = group  # caches.make hands it to the caches (Cache.across_heads)
     if evaluate:
         mx.eval(model.parameters())
     return model
@@ -362,6 +365,8 @@ def setup_cli(args: Any) -> Optional[Any]:
     """What every `kvzoo` command does first: under a launcher with more than one process,
     make the global group the default of `zoo.load` (so each command loads its shard with no
     change of its own), silence every rank but 0 (uncaught errors still reach its stderr),
+    send the files of a command with an `--out` folder (kvzoo study) from every rank but 0 to
+    a temporary folder of their own (on one machine they would write the same files at once),
     and give a command with a `--seed` left unset one seed drawn on rank 0, so the samplers
     of all processes draw the same tokens. Returns the group, or None when run alone."""
     if not launched():
@@ -375,8 +380,23 @@ def setup_cli(args: Any) -> Optional[Any]:
     if group.rank() != 0:
         import os
         import sys
+        import tempfile
         import traceback
 
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-        sys.excepthook = lambda kind, error, tb: traceback.print_exception(kind, error, tb, file=sys.__stderr__)
+        if isinstance(getattr(args, "out", None), str):
+            import atexit
+            import shutil
+
+            args.out = tempfile.mkdtemp(prefix=f"kvzoo-rank{group.rank()}-")
+            atexit.register(shutil.rmtree, args.out, ignore_errors=True)
+
+        # Silence at the file descriptors, so that writers holding sys.stderr from before
+        # (a progress bar's default argument) and C code are silenced too.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        errors = os.fdopen(os.dup(2), "w")
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        sys.excepthook = lambda kind, error, tb: traceback.print_exception(kind, error, tb, file=errors)
     return group
