@@ -17,6 +17,7 @@ from caches.base import Fetched
 from caches.concat import ConcatCache
 from caches.conformance import check_storage
 from caches.rotating import RotatingCache
+from helpers.assets import ROOT
 from helpers.user_caches import LyingOrderCache, NewestFirstCache
 
 CHUNKINGS = [(5, 1, 1, 7, 1, 3, 1, 1), (1,) * 14, (12, 9, 2), (3, 3, 3, 3, 3, 1)]
@@ -79,3 +80,34 @@ def test_the_check_runs_inside_the_conformance_kit(registered):
     rows = check_pairings(families=["llama"], schemes=["rope"], cache_names=["test-trim-keeps-keys"],
                           layouts=["GQA"])
     assert rows and all(not r.report.ok and r.report.storage for r in rows)
+
+
+def test_size_counts_what_a_dropping_cache_holds():
+    """`size()` (tokens attention can see) is the number of stored key positions, not the offset,
+    for a cache that forgets tokens and does not override size (docs' last-n example)."""
+    import mlx.core as mx
+
+    import zoo
+    from kvzoo import plugins
+
+    plugins.load(str(ROOT / "docs" / "examples" / "last_n_cache.py"))
+    try:
+        model = zoo.build("llama", preset="tiny", seed=3)
+        cache = caches.make("last-n", model, window=5)
+        model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8, 9]]), cache)
+        assert cache[0].offset == 9
+        assert cache[0].size() == len(cache[0].key_positions().tolist()) == 5
+    finally:
+        from caches.registry import CACHES
+
+        CACHES.remove("last-n")
+
+
+def test_a_foreign_format_is_named(tmp_path):
+    """A file that says it is another format version is refused with the version it says."""
+    import mlx.core as mx
+
+    mx.save_safetensors(str(tmp_path / "other.safetensors"), {"x": mx.zeros((1,))},
+                        metadata={"kvzoo.format": "kvzoo-cache-v999"})
+    with pytest.raises(ValueError, match="format 'kvzoo-cache-v999'"):
+        caches.load(tmp_path / "other.safetensors")
