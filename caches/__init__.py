@@ -1,7 +1,7 @@
 """KV-cache strategies behind one protocol, chosen by name.
 
     import caches
-    caches.available()                     # ['concat', 'preallocated', 'quantized', 'rotating']
+    caches.available()   # ['concat', 'h2o', 'kivi', 'preallocated', 'quantized', 'rotating', 'snapkv', 'streaming']
     cache = caches.make("rotating", model, max_size=512, keep=4)
     caches.save("prompt.safetensors", cache)
     cache, metadata = caches.load("prompt.safetensors")

@@ -25,6 +25,7 @@ What a strategy implements (see docs/architecture.md, "Adding a cache"):
     _select_rows(index)     keep only rows `index` (int32 [B']) of every stored array
     _prepare_rows(padding)  get ready for rows left-padded by `padding` (rarely needed)
     _extend_rows(other, width, padding)  append `other`'s rows, both left-padded to `width`
+    _drop_front(n)          forget the first n slots of every row (padding all rows share)
 
 and declares, once, at registration (`@caches.register(name, reference=..., examples=...,
 exact=...)`, see caches/registry.py) what the conformance kit needs: its reference (what the
@@ -136,6 +137,21 @@ class Cache:
         """Append the rows of `other` (same class and options): both sides' stored slots left-
         padded to `width` slots; `padding` is every row's left padding afterwards."""
         raise NotImplementedError
+
+    def _drop_front(self, n: int) -> None:
+        """Forget the first `n` slots of every row (all padding, after rows left): in-order
+        storage only. Without it the shared padding stays (hidden, but attended over)."""
+        raise NotImplementedError
+
+    def _slice_front(self, n: int, *names: str) -> None:
+        """`_drop_front` for in-order storage in attributes `names` ([B, H, S, *] arrays, or
+        lists/tuples of them)."""
+        for name in names:
+            held = getattr(self, name)
+            if isinstance(held, mx.array):
+                setattr(self, name, held[:, :, n:])
+            elif isinstance(held, (list, tuple)):
+                setattr(self, name, type(held)(a[:, :, n:] for a in held))
 
     def _stack_rows(self, other: "Cache", width: int, *names: str) -> None:
         """`_extend_rows` for in-order storage in attributes `names` ([B, H, S, *] arrays, or
@@ -316,14 +332,21 @@ class Cache:
             self._select_rows(mx.array(rows, dtype=mx.int32))
             self._layout = (len(rows), *self._layout[1:])
         if self.row_padding is not None:
-            self.row_padding = tuple(self.row_padding[r] for r in rows)
-            self.padding = mx.array(self.row_padding, dtype=mx.int32)
+            padding = tuple(self.row_padding[r] for r in rows)
+            shared = min(padding)  # slots that are padding in every row left: free them
+            if shared and self._layout is not None and type(self)._drop_front is not Cache._drop_front:
+                self._drop_front(shared)
+                self.offset -= shared
+                padding = tuple(p - shared for p in padding)
+            self.row_padding = padding if any(padding) else None
+            self.padding = mx.array(padding, dtype=mx.int32) if any(padding) else None
         self._fetched = None
 
     @property
     def keys_in_order(self) -> bool:
-        """True when the last fetch returned exactly positions 0..offset-1, in order."""
-        return self._fetched is None or self._fetched.positions is None
+        """True when the last fetch returned exactly positions 0..offset-1, in order (never for
+        left-padded rows: their positions are their own, padding negative)."""
+        return self.padding is None and (self._fetched is None or self._fetched.positions is None)
 
     @property
     def reference(self) -> Reference:

@@ -45,6 +45,9 @@ class ConcatCache(Cache):
     def _extend_rows(self, other, width, padding):
         self._stack_rows(other, width, "keys", "values")
 
+    def _drop_front(self, n):
+        self._slice_front(n, "keys", "values")
+
     def _trim(self, n):
         self.keys = self.keys[..., : self.offset - n, :]
         self.values = self.values[..., : self.offset - n, :]

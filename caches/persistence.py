@@ -135,7 +135,6 @@ def load(path: Union[str, Path]) -> tuple[list[Cache], dict[str, str]]:
     fingerprint = metadata.get(RESERVED + "model_fingerprint")
     for layer in layers:
         layer.model_fingerprint = fingerprint  # the model that may continue it (checked on use)
-    for layer in layers:
         layer.join(layers)
     user = {k: v for k, v in metadata.items() if not k.startswith(RESERVED)}
     return layers, user

@@ -101,5 +101,10 @@ class PreallocatedCache(Cache):
             self._slots = self.capacity + max(padding)
         self._stack_rows(other, width, "keys", "values")
 
+    def _drop_front(self, n):
+        self._slice_front(n, "keys", "values")  # the buffer's free slots past offset stay
+        if self._slots is not None:
+            self._slots -= n  # what the buffer still holds
+
     def _trim(self, n):
         pass  # the slots past the new offset are overwritten by the next update

@@ -231,11 +231,13 @@ class QuantizedCache(Cache):
         if self.narrow:
             keys = self._dequantize(q_keys, self.key_bits).astype(queries.dtype)
             values = self._dequantize(q_values, self.value_bits).astype(queries.dtype)
-            in_order = self.keys_in_order  # positions 0..offset-1: MLX's causal fast path
+            # positions 0..offset-1 in order: MLX's causal fast path; ragged rows (padding):
+            # each row's own positions, padding hidden (as Cache.attend does for every cache)
+            in_order = self.keys_in_order and self.padding is None
             return scaled_dot_product_attention(
                 queries, keys, values, scale=scale, q_positions=q_positions,
                 k_positions=None if in_order else self.fetched_positions(),
-                reference=Reference(), bias=bias)
+                reference=self.reference, bias=bias)
         B, Hq, L, D = queries.shape
         Hkv = q_keys[0].shape[1]
         n_rep = Hq // Hkv
@@ -327,6 +329,9 @@ class QuantizedCache(Cache):
 
     def _extend_rows(self, other, width, padding):
         self._stack_rows(other, width, "keys", "values")
+
+    def _drop_front(self, n):
+        self._slice_front(n, "keys", "values")
 
     def _trim(self, n):
         pass  # slots past the new offset are overwritten by the next update

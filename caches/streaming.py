@@ -81,7 +81,7 @@ class StreamingCache(Cache):
         self.values: Optional[mx.array] = None
 
     def check_model(self, model: Any) -> None:
-        scheme = model.positional
+        scheme = getattr(model.positional, "inner", model.positional)  # zoo.shard's head slice wraps it
         base = next(c for c in type(scheme).__mro__ if c.__name__ == "Positional")
         if scheme.max_positions is not None or type(scheme).embed is not base.embed:
             raise Unsupported(

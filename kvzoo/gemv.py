@@ -91,8 +91,11 @@ def build(target_dir: Optional[Path] = None) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # same filesystem: atomic
         partial = Path(scratch) / target.name
-        done = subprocess.run([*cc.split(), "-O2", "-shared", "-fPIC", "-o", str(partial), str(SOURCE)],
-                              capture_output=True, text=True, timeout=120)
+        try:
+            done = subprocess.run([*cc.split(), "-O2", "-shared", "-fPIC", "-o", str(partial), str(SOURCE)],
+                                  capture_output=True, text=True, timeout=120)
+        except subprocess.SubprocessError as error:  # e.g. a compiler that hangs
+            raise OSError(f"{cc} failed: {error}") from None
         if done.returncode != 0:
             raise OSError(f"{cc} failed: {done.stderr.strip()[-500:]}")
         os.replace(partial, target)
@@ -139,8 +142,8 @@ def set_forwarding(shim: Shim, on: bool) -> None:
 
 def measure_row_product(rows: int = 32000, cols: int = 768, repeats: int = 7) -> dict:
     """GB/s of MLX's one-row fp32 product x[1, cols] @ W[rows, cols]^T (median of `repeats`):
-    W is 98 MB at the default shape (the 100M Llama config's tied output head), so this reads
-    memory, not cache. Takes ~0.1-0.3 s."""
+    W is 98 MB at the default shape (the 100M Llama config's tied output head), larger than any
+    L2 (a large shared L3 may still hold it). Takes ~0.1-0.3 s."""
     import mlx.core as mx
 
     w = mx.random.normal((rows, cols), key=mx.random.key(0))

@@ -114,6 +114,10 @@ def test_batch_size_joins_prompts_as_rows_end_or_runs_groups_with_the_same_repli
     grouped_events = [row for row, _ in zoo.batch_stream(model, tokenizer, PROMPTS, max_tokens=[3, 12, 7, 8],
                                                          batch_size=2, cache="rotating")]
     assert grouped_events.index(2) > len(grouped_events) - 1 - grouped_events[::-1].index(1)
+    # A prompt with max_tokens 0 in the queue does not stall the ones after it.
+    zero = zoo.batch_generate(model, tokenizer, PROMPTS, max_tokens=[2, 0, 0, 3], batch_size=1)
+    assert zero.texts == [alone(model, tokenizer, p, max_tokens=m) for p, m in zip(PROMPTS, [2, 0, 0, 3])]
+    assert [s.generation_tokens for s in zero.stats] == [2, 0, 0, 3]
     with pytest.raises(ValueError, match="one per prompt"):
         zoo.batch_generate(model, tokenizer, PROMPTS, max_tokens=[5, 6])
     with pytest.raises(ValueError, match="batch_size"):

@@ -191,7 +191,8 @@ def test_padding_token_ids_change_nothing(cache_name, scheme):
 @pytest.mark.parametrize("cache_name", RAGGED)
 def test_selected_rows_continue_as_if_alone(cache_name):
     """Prefill four ragged rows, drop two (select_rows), keep decoding teacher-forced: the kept
-    rows' logits still equal each row alone, and the cache holds only them."""
+    rows' logits still equal each row alone, the cache holds only them, and the padding every
+    kept row has is freed (in-order caches)."""
     model = zoo.build("gpt2", seed=5, n_heads=4, n_kv_heads=4, head_dim=32, n_layers=2, d_model=32,
                       vocab_size=40, d_ff=32, max_positions=64, init_std=0.1, positional="alibi")
     rng = random.Random(2)
@@ -205,13 +206,20 @@ def test_selected_rows_continue_as_if_alone(cache_name):
         with pytest.raises(NotImplementedError):
             cache[0].select_rows([3, 1])
         return
+    width = cache[0].offset
     for c in cache:
-        c.select_rows([3, 1])
-    assert [c.rows for c in cache] == [2] * len(cache) and cache[0].row_padding == (padding[3], padding[1])
+        c.select_rows([3, 0])  # the longest row (no padding) leaves: the padding both share goes
+    assert [c.rows for c in cache] == [2] * len(cache)
+    shared = min(padding[3], padding[0])
+    if type(cache[0])._drop_front is not caches.Cache._drop_front:
+        assert cache[0].row_padding == (padding[3] - shared, padding[0] - shared)
+        assert cache[0].offset == width - shared
+    else:
+        assert cache[0].row_padding == (padding[3], padding[0]) and cache[0].offset == width
     assert sum(c.nbytes for c in cache) < before
-    rest = mx.array([full[3][-4:], full[1][-4:]], dtype=mx.int32)
+    rest = mx.array([full[3][-4:], full[0][-4:]], dtype=mx.int32)
     tail = mx.concatenate([model(rest[:, i : i + 1], cache) for i in range(4)], axis=1)
-    for b, (row, pad) in enumerate([(full[3], padding[3]), (full[1], padding[1])]):
+    for b, row in enumerate([full[3], full[0]]):
         alone = reference_logits(model, row, cache[0].reference)
         assert max_abs_diff(tail[b], alone[-4:]) <= TOLERANCE
     with pytest.raises(ValueError, match="distinct ints"):

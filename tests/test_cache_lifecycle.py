@@ -61,7 +61,11 @@ def test_trim_rejects_bad_counts_and_caps_at_the_offset(model, name, options):
 
 
 @pytest.mark.parametrize("name,options", EXAMPLES, ids=IDS)
-def test_a_loaded_cache_continues_generation_bit_exactly(model, name, options, tmp_path):
+def test_a_loaded_cache_continues_generation_bit_exactly(model, name, options, tmp_path, monkeypatch):
+    # Bit-exact means the same kernels on both sides: the compiled decode step (zoo/runtime/
+    # compiled.py) runs only while a preallocated buffer has room, which a loaded cache (saved
+    # at its offset) lacks for one step, and it equals the plain step up to summation order.
+    monkeypatch.setenv("KVZOO_COMPILE", "off")
     assert check_save_load(model, name, options, tmp_path)  # every built-in cache can be saved
 
 

@@ -104,7 +104,8 @@ def test_running_out_of_learned_positions_stops_both_paths_alike(monkeypatch, ca
     assert calls["n"] > 0
 
 
-@pytest.mark.parametrize("cache,options", [("concat", {}), ("rotating", {}), ("quantized", {"group_size": 32})])
+@pytest.mark.parametrize("cache,options", [("concat", {}), ("rotating", {}), ("quantized", {"group_size": 32}),
+                                           ("preallocated", {"capacity": 1024})])  # mostly empty: plain
 def test_other_caches_take_the_plain_step(cache, options, monkeypatch, calls):
     model = zoo.build("llama", preset="tiny", seed=7)
     monkeypatch.setenv(compiled.ENV_VAR, "auto")

@@ -263,7 +263,7 @@ def test_continuing_with_another_model_is_refused(model):
 def test_the_same_weights_in_another_object_continue(model):
     twin = zoo.build("llama", preset="tiny", seed=0)
     cache = filled(model)
-    assert zoo.fingerprint(twin) == zoo.fingerprint(model)
+    assert zoo.model_fingerprint(twin) == zoo.model_fingerprint(model)
     twin(mx.array([[1]]), cache)
     assert cache[0].offset == 5
 
@@ -282,15 +282,15 @@ def test_an_emptied_cache_serves_any_model(model):
     for c in cache:
         c.trim(c.offset)
     other(mx.array([[1, 2]]), cache)
-    assert cache[0].model_fingerprint == zoo.fingerprint(other)
+    assert cache[0].model_fingerprint == zoo.model_fingerprint(other)
 
 
 def test_changed_weights_change_the_fingerprint():
     m = zoo.build("llama", preset="tiny", seed=0)
     cache = filled(m)
-    old = zoo.fingerprint(m)
+    old = zoo.model_fingerprint(m)
     m.update({"model": {"norm": {"weight": m.model.norm.weight * 2}}})
-    assert zoo.fingerprint(m) != old
+    assert zoo.model_fingerprint(m) != old
     with pytest.raises(zoo.ModelMismatchError):  # the same object, but no longer the same model
         m(mx.array([[1]]), cache)
 
@@ -299,7 +299,7 @@ def test_fingerprint_round_trips_through_caches_save(model, tmp_path):
     cache = filled(model)
     caches.save(tmp_path / "c.safetensors", cache)
     loaded, _ = caches.load(tmp_path / "c.safetensors")
-    assert all(c.model_fingerprint == zoo.fingerprint(model) for c in loaded)
+    assert all(c.model_fingerprint == zoo.model_fingerprint(model) for c in loaded)
     model(mx.array([[5]]), loaded)  # the model that filled it: continues
     other = zoo.build("llama", preset="tiny", seed=1)
     loaded, _ = caches.load(tmp_path / "c.safetensors")
@@ -327,6 +327,13 @@ try:
 except ValueError as error:
     print("SAMPLER", error)
 print("SAMPLER-OFFSETS", cache[0].offset, cache[1].offset)
+
+# 1b. the same sampler crash in a ragged batch (zoo/batch.py)
+try:
+    list(zoo.generate_step(m, [[1, 2], [3]], sampler=lambda lp: mx.full((lp.shape[0],), 10**6, mx.int32),
+                           max_tokens=3))
+except ValueError as error:
+    print("BATCH", error)
 
 # 2. one cache list, three threads generating on it (three rounds: the race was intermittent)
 for round in range(3):
@@ -430,3 +437,21 @@ def test_a_generator_resumed_in_another_thread_is_refused(scenarios):
 
 def test_unevaluated_work_handed_to_another_thread_is_named(scenarios):
     assert lines(scenarios, "HANDOVER") == ["True 3"]
+
+
+def test_another_model_is_refused_on_the_compiled_decode_path():
+    """A one-token prompt on a preallocated cache goes straight to the compiled decode step
+    (zoo/runtime/compiled.py), past model.__call__: the check happens when generate_step is called."""
+    m = zoo.build("llama", preset="tiny", seed=0)
+    other = zoo.build("llama", preset="tiny", seed=1)
+    cache = caches.make("preallocated", m)
+    list(zoo.generate_step(m, [1, 2, 3], cache=cache, max_tokens=2))
+    before = snapshot(cache)
+    with pytest.raises(zoo.ModelMismatchError):
+        zoo.generate_step(other, [4], cache=cache, max_tokens=3)
+    assert_unchanged(cache, before)
+
+
+def test_batched_sampler_outside_the_vocabulary_is_an_error_not_a_crash(scenarios):
+    (message,) = lines(scenarios, "BATCH")
+    assert message.startswith("sampler <lambda>") and "1000000, outside the vocabulary" in message

@@ -17,7 +17,7 @@ import pytest
 
 import caches
 import zoo
-from tests.helpers.assets import require_asset
+from helpers.assets import require_asset
 from zoo.study.compare import compare, summarize
 from zoo.study.needle import NEEDLE, make_needle
 from zoo.study.perplexity import perplexity, token_nll, windows
@@ -91,7 +91,7 @@ def test_an_empty_spec_in_a_list_is_refused():
 
 def test_a_newly_registered_cache_is_studied_with_no_edit(registered, loaded, tokens):
     """The study reads only the registry: a user's cache is parsed, built and compared."""
-    from tests.helpers.user_caches import NewestFirstCache
+    from helpers.user_caches import NewestFirstCache
 
     registered("test-newest-first", NewestFirstCache)
     model, _ = loaded
@@ -321,7 +321,7 @@ def test_zoo_study_is_callable_and_its_modules_reachable(loaded, tmp_path):
 
 def test_a_plugin_file_reaches_the_command(tmp_path, capsys):
     """`--plugin` registers a user's cache before the specs are read: it is studied like any other."""
-    from tests.helpers.user_caches import forget_plugin
+    from helpers.user_caches import forget_plugin
     from zoo.cli import main
 
     from pathlib import Path
@@ -352,3 +352,86 @@ def test_perplexity_in_decode_mode_through_an_exact_cache_is_the_uncached_models
     model, _ = loaded
     nll = token_nll(model, tokens[:120], caches.make("preallocated", model), chunk=32, prefill=70)
     np.testing.assert_allclose(nll, uncached_nll(model, tokens[:120]), atol=2e-4)
+
+
+class _Predictor:
+    """A stand-in model that knows the sequence: at each position its logits peak (by `margin`)
+    on the token that follows in `sequence`; margin 0 is the uniform distribution."""
+
+    def __init__(self, sequence, vocab, margin):
+        self.sequence, self.vocab, self.margin, self.offset = sequence, vocab, margin, 0
+
+    def __call__(self, tokens, cache, check_tokens=True):
+        L = tokens.shape[1]
+        nxt = self.sequence[self.offset + 1 : self.offset + L + 1]
+        self.offset += L
+        logits = np.zeros((1, L, self.vocab), dtype=np.float32)
+        logits[0, np.arange(L), nxt] = self.margin
+        return mx.array(logits)
+
+
+def test_needle_scoring_counts_a_perfect_reader_and_not_a_uniform_one():
+    from zoo.study.needle import score
+
+    tokenizer = tokenizers()["stories260K"]
+    needle = make_needle(tokenizer, 240, 0.5, "73914")
+    sequence = needle.tokens + needle.answer
+    perfect = score(_Predictor(sequence, 512, 30.0), [], needle, chunk=50)
+    assert perfect["retrieved"] and perfect["answer_logprob"] > -1e-6
+    uniform = score(_Predictor(sequence, 512, 0.0), [], needle, chunk=50)
+    assert not uniform["retrieved"]  # ties: argmax is token 0, never a digit here
+    assert uniform["answer_logprob"] == pytest.approx(-np.log(512), abs=1e-5)
+
+
+def test_an_approximate_baseline_is_named_in_the_notes(loaded, tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text(require_asset(TEXT).read_text(encoding="utf-8")[:600], encoding="utf-8")
+    settings = zoo.study.Settings.quick(needle=False, cost=False, baseline="rotating:max_size=16:keep=0")
+    result = zoo.study([str(require_asset("stories260K/stories260K.gguf"))], text, ["concat"],
+                       settings=settings, progress=False)
+    (note,) = result["models"][0]["notes"]
+    assert "baseline rotating:max_size=16:keep=0 is not exact" in note
+    assert result["models"][0]["runs"][0]["quality"]["kl_mean"] > 0  # concat against a window
+
+
+@pytest.mark.parametrize("cache, options", [("concat", {}), ("rotating", {"max_size": 64, "keep": 4})])
+def test_needles_scored_as_rows_of_one_batch_are_scored_as_alone(loaded, cache, options):
+    from zoo.study.needle import score, score_batch
+
+    model, tokenizer = loaded
+    needles = [make_needle(tokenizer, 240, depth, key) for depth, key in ((0.0, "73914"), (0.5, "20518"), (1.0, "99999"))]
+    together = score_batch(model, caches.make(cache, model, **options), needles, chunk=50)
+    alone = [score(model, caches.make(cache, model, **options), n, chunk=50) for n in needles]
+    for a, b in zip(together, alone):
+        assert a["retrieved"] == b["retrieved"]
+        assert a["answer_logprob"] == pytest.approx(b["answer_logprob"], abs=1e-4)
+    assert len({round(r["answer_logprob"], 3) for r in alone}) == 3  # the rows really differ
+
+
+def test_every_registered_cache_goes_through_the_study(loaded, tmp_path):
+    """Each registered cache, with the first option set it declares for this model, through every
+    stage: nothing in the study names a cache."""
+    from zoo.study.spec import CacheSpec
+
+    model, _ = loaded
+    specs = []
+    for name in caches.available():
+        examples = caches.examples(name, head_dim=model.config.head_dim, seq_len=48)
+        if examples:
+            specs.append(CacheSpec(name, dict(examples[0])))
+    assert len(specs) >= 4
+    text = tmp_path / "story.txt"
+    text.write_text(require_asset(TEXT).read_text(encoding="utf-8")[:600], encoding="utf-8")
+    settings = zoo.study.Settings.quick(max_tokens=48, chunk=16, conformance_tokens=16, needle=False,
+                                        contexts=(16, 32), decode=2)
+    result = zoo.study([str(require_asset("stories260K/stories260K.gguf"))], text, specs,
+                       settings=settings, progress=False)
+    model_result = result["models"][0]
+    runs = {r["name"]: r for r in model_result["runs"]}
+    assert set(runs) | {s["cache"].split(":")[0] for s in model_result["skipped"]} == {s.name for s in specs}
+    for name, run in runs.items():
+        assert isinstance(run["conformance"].get("ok"), bool), (name, run["conformance"])
+        assert run["quality"]["scored_tokens"] == 47 and run["quality"]["kl_mean"] >= 0, name
+        assert [p["context"] for p in run["cost"]["points"]] == [16, 32], name
+        if caches.exact_for(name, seq_len=48, **run["options"]):
+            assert run["quality"]["kl_max"] < 1e-6, name

@@ -174,3 +174,17 @@ def test_padded_vocabulary_is_never_sampled(text_file, tmp_path):
     # zoo.generate bounds sampling by the tokenizer's vocabulary by itself
     text = zoo.generate(model, tokenizer, "First", max_tokens=5, sampler=highest_allowed)
     assert text == tokenizer.decode([vocab - 1] * 5) and result.model.config.vocab_size == padded
+
+
+def test_bad_training_input_is_refused_by_name(text_file, tmp_path, capsys):
+    assert zoo.cli.main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tokenizer must be 'char', 'byte'"):
+        zoo.train(str(text_file), str(tmp_path / "o"), tokenizer="nonsense")
+    with pytest.raises(ValueError, match="block_size"):
+        zoo.train(str(text_file), str(tmp_path / "o"), block_size=4096)
+    with pytest.raises(TypeError, match="unknown training setting"):
+        zoo.train(str(text_file), str(tmp_path / "o"), n_layer=2)
+    with pytest.raises(ValueError, match="n_heads"):
+        zoo.train(str(text_file), str(tmp_path / "o"), n_heads=4, n_kv_heads=3, steps=1)
+    assert not (tmp_path / "o").exists()  # nothing written

@@ -34,7 +34,8 @@ from .stream import GenerationResponse, generate, stream_generate  # noqa: E402 
 from .tokenizers import Tokenizer, apply_chat_template, load_tokenizer, tokenizer_from_gguf  # noqa: E402
 from . import study  # noqa: E402  zoo.study(...) runs a study; zoo.study.spec, .runner, ... are its parts
 from .training import train  # noqa: E402
-from .fingerprint import ModelMismatchError, adopt_cache, fingerprint  # noqa: E402
+from .fingerprint import ModelMismatchError, adopt_cache  # noqa: E402
+from .fingerprint import fingerprint as model_fingerprint  # noqa: E402  (zoo.fingerprint: the module)
 from .ownership import CacheInUseError  # noqa: E402
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
     "CausalLM",
     "ModelMismatchError",
     "adopt_cache",
-    "fingerprint",
+    "model_fingerprint",
     "GenerationResponse",
     "ModelConfig",
     "apply_chat_template",

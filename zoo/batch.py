@@ -29,6 +29,7 @@ import mlx.core as mx
 from caches import Cache
 from sampling import Sampler, greedy_sample
 
+from . import validation
 from .generate import CacheSpec, make_cache, prompt_array
 from .model import CausalLM
 
@@ -179,14 +180,15 @@ class BatchDecoder:
             for i, r in enumerate(self.rows):
                 row = logits[i : i + 1]
                 for process in self.processors[r]:
-                    row = process(self.history[r], row)
+                    row = validation.checked_logits(process(self.history[r], row), process, row.shape)
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.shared_sampler is not None:
-            sampled = self.shared_sampler(logprobs)
+            sampled = _checked_rows(self.shared_sampler(logprobs), self.shared_sampler, logprobs.shape)
         else:
-            sampled = mx.concatenate([self.samplers[r](logprobs[i : i + 1]) for i, r in enumerate(self.rows)])
+            sampled = mx.concatenate([_checked_rows(self.samplers[r](logprobs[i : i + 1]), self.samplers[r],
+                                                    (1, logprobs.shape[1])) for i, r in enumerate(self.rows)])
         sampled = sampled.astype(mx.int32)
         for i, r in enumerate(self.rows):
             if self.processors[r]:
@@ -334,3 +336,22 @@ def batch_generate_step(model: CausalLM, prompts: Sequence[Any], *, max_tokens: 
         if row == len(decoder.prompts) - 1:  # every row runs max_tokens steps: rows stay in order
             yield step, mx.stack(rows)
             step, rows = [], []
+
+
+def _checked_rows(tokens: Any, sampler: Any, shape: tuple) -> mx.array:
+    """A sampler's tokens for `shape[0]` rows: an int mx.array [rows], every id inside the
+    vocabulary. A sampler not from the sampling package is checked by value (one synchronisation
+    per step): an id outside the vocabulary would crash MLX's embedding gather on the next step."""
+    rows, vocab = shape
+    if not isinstance(tokens, mx.array) or tokens.size != rows or not mx.issubdtype(tokens.dtype, mx.integer):
+        got = type(tokens).__name__ if not isinstance(tokens, mx.array) else f"{tokens.dtype} {list(tokens.shape)}"
+        raise (ValueError if isinstance(tokens, mx.array) and tokens.size != rows else TypeError)(
+            f"sampler {validation.describe(sampler)} returned {got}; for {rows} row(s) it must return "
+            f"{rows} integer token id(s)")
+    tokens = tokens.reshape(rows)
+    if not validation.trusted(sampler):
+        low, high = mx.min(tokens).item(), mx.max(tokens).item()
+        if low < 0 or high >= vocab:
+            raise ValueError(f"sampler {validation.describe(sampler)} returned token id "
+                             f"{low if low < 0 else high}, outside the vocabulary (ids must be in [0, {vocab}))")
+    return tokens

@@ -212,8 +212,9 @@ def _events(decoder: BatchDecoder, decoder_for, rows_of, ids: list[list[int]], t
     generated = 0
     base, waiting = 0, size  # the decoder's row 0 is prompt `base`; prompts from `waiting` on wait
     while True:
-        for row, token, logprobs in decoder.run(limits[base : base + size]):
-            row += base
+        prompt_of = {r: base + r for r in range(min(size, n - base))}  # decoder row -> prompt index
+        for local, token, logprobs in decoder.run(limits[base : base + size]):
+            row = prompt_of[local]
             if start is None:  # the first token: the first batch's prefill is over
                 start = time.perf_counter()
                 prompt_tps = sum(decoder.lengths) / max(start - tic, 1e-9)
@@ -228,11 +229,14 @@ def _events(decoder: BatchDecoder, decoder_for, rows_of, ids: list[list[int]], t
             text, finish = texts[row].add(token, stats.generation_tokens == limits[row])
             elapsed = max(time.perf_counter() - start, 1e-9)
             if finish is not None:
-                decoder.finish(row - base)
+                decoder.finish(local)
                 stats.finish_reason = finish
                 stats.generation_tps = stats.generation_tokens / elapsed
+                while continuous and waiting < n and limits[waiting] == 0:  # nothing to generate
+                    waiting += 1
                 if continuous and waiting < n:  # the next prompt takes the row's place
-                    decoder.add([ids[waiting]], max_tokens=[limits[waiting]], **rows_of(waiting, 1))
+                    (joined,) = decoder.add([ids[waiting]], max_tokens=[limits[waiting]], **rows_of(waiting, 1))
+                    prompt_of[joined] = waiting
                     waiting += 1
                     result.cache_bytes = max(result.cache_bytes, decoder.cache_bytes())
             result.texts[row] += text

@@ -80,19 +80,20 @@ def check(cache: Sequence[Any], model: Any) -> None:
 
     Cheap when it was filled by this very object; computes fingerprints otherwise."""
     first = cache[0]
-    ref = first.__dict__.get("_model_ref")
-    if ref is not None and ref() is model and model.__dict__.get(_MEMO) == first.model_fingerprint:
+    recorded = getattr(first, "model_fingerprint", None)  # (a foreign cache, mlx-lm's, has none)
+    ref = getattr(first, "_model_ref", None)
+    if ref is not None and ref() is model and model.__dict__.get(_MEMO) == recorded:
         return  # the same object with the same weights (an update clears the memo)
-    if all(c.offset == 0 for c in cache) or first.model_fingerprint is None:
-        stamp(cache, model)  # nothing in it yet (or made before stamps existed): it is this model's
+    if all(c.offset == 0 for c in cache) or recorded is None:
+        stamp(cache, model)  # nothing in it yet (or filled without a model): it is this model's
         return
     mine = fingerprint(model)
-    if first.model_fingerprint == mine:
+    if recorded == mine:
         stamp(cache, model)
         return
     raise ModelMismatchError(
         f"this cache holds {first.offset} tokens computed by another model (fingerprint "
-        f"{first.model_fingerprint[:12]}), not by this one ({mine[:12]}: {model.config.family}, "
+        f"{recorded[:12]}), not by this one ({mine[:12]}: {model.config.family}, "
         f"{model.config.n_layers} layers, d_model {model.config.d_model}); continuing it would mix "
         f"two models' keys and values. Use a fresh cache (caches.make(name, model)), or, if the "
         f"cache is meant for this model, say so with zoo.adopt_cache(cache, model)")

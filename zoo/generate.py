@@ -151,17 +151,17 @@ def generate_step(
             logits = decoder(tokens, layer_caches)  # [1, V]
         else:
             logits = model(tokens[None], layer_caches, check_tokens=False)[:, -1, :]  # [1, V]
-        verdict = validation.Verdict()  # checked with the token: no extra synchronisation
-        verdict.model_logits(logits)
+        verdict = validation.Verdict(logits)  # checked with the token: no extra synchronisation
         if padding is not None:
             logits = logits + padding
         if processors:
             for process in processors:
                 logits = validation.checked_logits(process(history, logits), process, logits.shape)
                 verdict.processed(logits, process)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = logits - lse
         token = verdict.sampled(validation.checked_token(sampler(logprobs), sampler), sampler,
-                                vocab_size or model_vocab)
+                                vocab_size or model_vocab, lse)
         if processors:
             history = mx.concatenate([history, token])
         return token, logprobs[0], verdict, verdict.array()

@@ -58,7 +58,7 @@ def attend(
     bias = ctx.positional.bias if ctx.positional.uses_bias else None
     if ctx.window is not None:
         bias = window_bias(ctx.window, bias)
-    if cache is not None and cache.rotates_keys:
+    if cache is not None and getattr(cache, "rotates_keys", False):
         return cache.attend(queries, keys, values, scale=scale, q_positions=ctx.positions,
                             bias=bias, rotate=ctx.rotate())
     reference = ctx.layer_reference() if cache is None else None

@@ -32,8 +32,8 @@ class CacheInUseError(RuntimeError):
 def claim(cache: Sequence[Any], what: str) -> Optional[list]:
     """Claim `cache` for the current thread; returns the claim record to pass to `release`
     (None when `cache` is empty). Raises CacheInUseError if another live thread holds it."""
-    if not cache:
-        return None
+    if not cache or not hasattr(cache[0], "__dict__"):
+        return None  # nothing to hold (an object without attributes cannot carry a claim)
     first = cache[0]
     me = threading.current_thread()
     with _lock:

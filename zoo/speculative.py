@@ -241,10 +241,10 @@ def speculative_step(
         """Finite model logits, and at least one token possible after the processors (one
         synchronous check per round: a round reads its tokens right away anyway); on failure
         the round's tokens are taken back out of the cache."""
-        verdict = validation.Verdict()
-        verdict.model_logits(raw)
+        verdict = validation.Verdict(raw)
         if logits_processors:
             verdict.processed(logits, tuple(logits_processors))
+        verdict.finite(mx.logsumexp(logits, axis=-1))
         problem = verdict.problem(verdict.array())
         if problem is not None:
             validation.rollback(layer_caches, fed)
@@ -255,13 +255,13 @@ def speculative_step(
         built while step i evaluates); the last token is not fed, as after a round."""
         def step(token: mx.array) -> tuple[mx.array, mx.array, validation.Verdict, mx.array]:
             raw = model(token[None], layer_caches, check_tokens=False)[0]
-            verdict = validation.Verdict()
-            verdict.model_logits(raw)
+            verdict = validation.Verdict(raw)
             logits = processed(raw, [])
             if logits_processors:
                 verdict.processed(logits, tuple(logits_processors))
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            token = verdict.sampled(validation.checked_token(draw(logprobs), draw), draw, vocab)
+            lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+            logprobs = logits - lse
+            token = verdict.sampled(validation.checked_token(draw(logprobs), draw), draw, vocab, lse)
             return token, logprobs[0], verdict, verdict.array()
 
         token, logprobs, verdict, flags = step(mx.array(history[-1:], dtype=mx.int32))

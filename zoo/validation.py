@@ -114,6 +114,9 @@ def check_generate_arguments(arguments: dict[str, Any]) -> None:
         layers = list(cache)
         if layers and all(isinstance(c, Cache) for c in layers):
             offset = check_in_step(layers)
+            from .fingerprint import check as same_model
+
+            same_model(layers, model)  # here too: compiled decode steps do not pass model.__call__
     model.positional.check_positions(offset, prompt.size)
 
 
@@ -176,47 +179,64 @@ def checked_token(token: Any, sampler: Callable) -> mx.array:
     return token.reshape(1)
 
 
+def trusted(sampler: Callable) -> bool:
+    """kvzoo's own samplers (the sampling package) return ids inside the vocabulary by
+    construction (argmax / categorical over the logits), so their range check is skipped."""
+    return getattr(sampler, "__module__", "").split(".")[0] == "sampling"
+
+
 class Verdict:
-    """What one step's values must satisfy, gathered into one boolean array [n] in the graph
-    and read when the token is read: `problem()` says what went wrong, naming the culprit."""
+    """What one step's values must satisfy, as one boolean in the step's graph, read when the
+    token is read; on failure `problem()` finds the culprit and names it.
 
-    def __init__(self) -> None:
-        self.flags: list[mx.array] = []
-        self.culprits: list[tuple] = []  # (kind, function, vocab); messages are made on failure only
+    The cheap signal is the log-normaliser of the final logits: it is NaN when any logit is
+    NaN, +inf when one is +inf, -inf when all are -inf (no token possible), so one isfinite on
+    it covers the model's logits and every processor at once. Only a sampler not from the
+    sampling package adds a range check (its token is then fed through `mx.where`, so an id
+    outside the vocabulary never reaches the embedding)."""
 
-    def model_logits(self, logits: mx.array) -> None:
-        self.flags.append(mx.all(mx.isfinite(logits)))
-        self.culprits.append(("model", None, None))
+    def __init__(self, raw_logits: mx.array) -> None:
+        self.stages: list[tuple[Any, mx.array]] = [(None, raw_logits)]  # kept for the diagnosis only
+        self.sampler: Any = None
+        self.vocab = 0
+        self.flag: mx.array = mx.array(True)
 
-    def processed(self, logits: mx.array, process: Callable) -> None:
-        # NaN < inf is False: no NaN, no +inf, and at least one token keeps a finite logit.
-        self.flags.append(mx.all(logits < float("inf")) & mx.any(mx.isfinite(logits)))
-        self.culprits.append(("processor", process, None))
+    def processed(self, logits: mx.array, process: Any) -> None:
+        self.stages.append((process, logits))
 
-    def sampled(self, token: mx.array, sampler: Callable, vocab: int) -> mx.array:
-        """Record the range check; return the token made safe to feed to the model (an id
-        outside the vocabulary becomes 0, and the step that fed it is rolled back)."""
+    def finite(self, lse: mx.array) -> None:
+        """Record the check on the log-normaliser(s) of the final logits."""
+        self.flag = mx.all(mx.isfinite(lse))
+
+    def sampled(self, token: mx.array, sampler: Callable, vocab: int, lse: mx.array) -> mx.array:
+        """Record the checks; return the token made safe to feed to the model."""
+        self.finite(lse)
+        if trusted(sampler):
+            return token.astype(mx.int32) if token.dtype != mx.int32 else token
+        self.sampler, self.vocab = sampler, vocab
         inside = mx.all((token >= 0) & (token < vocab))
-        self.flags.append(inside)
-        self.culprits.append(("sampler", sampler, vocab))
+        self.flag = self.flag & inside
         return mx.where(inside, token, 0).astype(mx.int32)
 
     def array(self) -> mx.array:
-        return mx.stack(self.flags) if self.flags else mx.array([True])
+        return self.flag
 
     def problem(self, evaluated: mx.array) -> Optional[str]:
-        """The first failed check's message, or None (`evaluated`: `array()` after evaluation)."""
-        for ok, (kind, f, vocab) in zip(evaluated.tolist(), self.culprits):
-            if ok:
-                continue
-            if kind == "model":
-                return ("the model's logits are NaN or infinite: its weights or activations are not "
-                        "finite (a corrupt checkpoint, or a dtype too narrow for this model)")
-            if kind == "processor":
-                return (f"logits processor {describe(f)} left no token possible (every logit -inf) "
-                        f"or returned NaN / +inf logits; it must leave at least one finite logit")
-            return f"sampler {describe(f)} returned a token id outside the vocabulary (ids must be in [0, {vocab}))"
-        return None
+        """None when the step was sound, else what went wrong (`evaluated`: `array()`, evaluated)."""
+        if evaluated.item():
+            return None
+        raw = self.stages[0][1]
+        if not mx.all(mx.isfinite(raw)).item():
+            return ("the model's logits are NaN or infinite: its weights or activations are not "
+                    "finite (a corrupt checkpoint, or a dtype too narrow for this model)")
+        for process, logits in self.stages[1:]:
+            if not (mx.all(logits < float("inf")) & mx.any(mx.isfinite(logits))).item():
+                return (f"logits processor {describe(process)} left no token possible (every logit "
+                        f"-inf) or returned NaN / +inf logits; it must leave at least one finite logit")
+        if self.sampler is not None:
+            return (f"sampler {describe(self.sampler)} returned a token id outside the vocabulary "
+                    f"(ids must be in [0, {self.vocab}))")
+        return "the logits left no token possible (NaN or infinite after padding)"
 
 
 def rollback(cache: Sequence[Cache], n: int) -> None:

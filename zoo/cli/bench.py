@@ -36,6 +36,7 @@ from sampling import greedy_sample
 
 
 from ..registry import build
+from ..runtime.compiled import enabled as compiled_enabled
 from ..runtime.device import default_dtype, parse_dtype
 
 HELP = "time kvzoo against mlx-lm on identical weights, every cache, prefill/decode/context sweep"
@@ -566,6 +567,8 @@ def run(args: argparse.Namespace) -> int:
         "machine": collect(measure=True),
         "settings": settings.__dict__ | {"contexts": list(settings.contexts)},
         "default_dtype": str(default_dtype()),
+        "decode_step": ("compiled over preallocated caches (zoo/runtime/compiled.py)"
+                        if compiled_enabled() else "plain (KVZOO_COMPILE=off)"),
         "loadavg_start": list(os.getloadavg()),
         "bandwidth": memory_bandwidth(),
         "configs": {},
@@ -658,7 +661,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"BLAS: {b['summary']}",
         f"      libmlx's cblas_sgemm -> {b['bound'] or 'unknown'}; fp32 {b['n']}^3 matmul "
-        f"{b['mlx_sgemm_gflops']:.0f} GFLOP/s",
+        f"{b['mlx_sgemm_gflops']:.0f} GFLOP/s; one-row product {b.get('row_product_gbs', 0):.1f} GB/s",
+        f"      kvzoo decode step: {report.get('decode_step', 'plain')}",
         f"memory read bandwidth {bw['bandwidth_gbs']:.1f} GB/s (numpy sum {bw['numpy_sum_gbs']:.1f}, "
         f"MLX sum {bw['mlx_sum_gbs']:.1f}); load average {report['loadavg_start'][0]:.2f} at start",
         f"dtype {s['dtype']}; prompt {s['prompt']}, decode {s['decode']} tokens; median of "

@@ -89,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
     from ..study.runner import format_table
 
     print(format_table(result))
-    failed = [f"{m['path']} {r['cache']}" for m in result["models"] for r in m["runs"]
-              if r.get("conformance", {}).get("ok") is False]
-    for line in failed:
-        print(f"conformance FAILED: {line} does not match its declared reference on this model")
+    failed = [(f"{m['path']} {r['cache']}", r["conformance"].get("problem")) for m in result["models"]
+              for r in m["runs"] if r.get("conformance", {}).get("ok") is False]
+    for label, problem in failed:
+        print(f"conformance FAILED: {label} does not match its declared reference on this model"
+              + (f": {problem}" if problem else ""))
     print(f"\nwrote {args.out}/study.json ({result['seconds']:.0f} s)")
     return 1 if failed else 0

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--eval-batches", type=int, default=d.eval_batches)
     a("--val-fraction", type=float, default=d.val_fraction, help="held-out tail of the text (0: none)")
     a("--seed", type=int, default=d.seed)
-    a("--max-minutes", type=float, default=None, help="stop after this many minutes (the cosine then follows time)")
+    a("--max-minutes", type=float, default=None, help="stop after this many minutes (the cosine then follows time); 0: no limit")
     a("--resume", action="store_true", help="continue the run saved in --out")
     a("--no-progress", action="store_true", help="no progress bar")
 

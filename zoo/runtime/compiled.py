@@ -14,7 +14,10 @@ masked slots weigh exactly 0; tests/test_compiled.py checks logits within 1e-5 a
 greedy tokens for every family and positional scheme).
 
 When it applies (`eligible`): every layer cache is exactly a `PreallocatedCache` that already
-holds a buffer with room for the token, batch 1, one token per step, no speculative decoding.
+holds a buffer with room for the token, batch 1, one token per step, no speculative decoding,
+and the buffer's empty tail is at most max(step, offset) slots (a growing buffer's always is; a
+large fixed `capacity` runs plain until it is half full, so attention never reads more than
+about twice the keys it needs).
 Otherwise, or with `KVZOO_COMPILE=off`, the generation loop runs the plain step. The step that
 fills a buffer runs plain (the cache grows its buffer), and the next shape is traced once.
 """
@@ -86,13 +89,31 @@ class CompiledDecoder:
         for cache in layer_caches:
             if type(cache) is not PreallocatedCache or cache.keys is None:
                 return False
-            if cache.keys.shape[0] != 1 or cache.offset + 1 > cache.keys.shape[2]:
+            slots = cache.keys.shape[2]
+            if cache.keys.shape[0] != 1 or cache.offset + 1 > slots:
                 return False  # batch > 1, or the buffer is full: the plain step grows it
+            if slots - cache.offset > max(cache.step, cache.offset):
+                return False  # a large fixed capacity, mostly empty: attention over all of it
+                #               would cost more than the compiled step saves
         return True
 
     def __call__(self, token: mx.array, layer_caches: Sequence[PreallocatedCache]) -> mx.array:
-        offset = layer_caches[0].offset
-        self.model.positional.check_positions(offset, 1)  # e.g. past a learned position table
+        from .. import ownership
+        from ..fingerprint import check as check_fingerprint
+        from ..validation import check_in_step
+
+        # The same guards as CausalLM.__call__ with a cache: one thread per cache list, every
+        # layer in step, the cache filled by this model; then the position check.
+        record = ownership.claim(layer_caches, "model forward")
+        try:
+            offset = check_in_step(layer_caches)
+            check_fingerprint(layer_caches, self.model)
+            self.model.positional.check_positions(offset, 1)  # e.g. past a learned position table
+            return self._run(token, layer_caches, offset)
+        finally:
+            ownership.release(record)
+
+    def _run(self, token: mx.array, layer_caches: Sequence[PreallocatedCache], offset: int) -> mx.array:
         buffers = [a for cache in layer_caches for a in (cache.keys, cache.values)]
         out = self._step(token.reshape(1, 1), mx.array([offset], dtype=mx.int32), *buffers)
         del buffers  # only the graph holds the old buffers now, so the update can be in place

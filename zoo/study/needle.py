@@ -7,7 +7,7 @@ N is the pass key.", more filler, then "What is the pass key? The pass key is". 
 N. Pieces are tokenized one at a time and concatenated, so where the needle sits is known in
 tokens (`Needle.start`, `Needle.stop`), not guessed from characters.
 
-Scoring is teacher-forced and exact: the prompt goes through the cache in chunks, then the
+Scoring is teacher-forced and exact (a cell's trials are the rows of one batch): the prompt goes through the cache in chunks, then the
 answer's tokens in one more forward; the answer counts as retrieved when the model's most likely
 token is the right one at every answer position (that is what greedy decoding would emit), and
 its mean log-probability is kept as a graded score for models that never get it right.
@@ -94,21 +94,50 @@ def random_passkey(rng: random.Random, digits: int = 5) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
-def score(model: Any, cache: list, needle: Needle, *, chunk: int = 256) -> dict[str, Any]:
-    """Teacher-force the prompt and the answer through `cache` (fresh): whether every answer
-    token is the model's most likely one, and the answer's mean log-probability."""
-    tokens = mx.array(needle.tokens + needle.answer[:-1], dtype=mx.int32)
-    n_prompt = len(needle.tokens) - 1  # fed before the forward that predicts the answer
+def score_batch(model: Any, cache: list, needles: Sequence[Needle], *, chunk: int = 256) -> list[dict[str, Any]]:
+    """Teacher-force prompts and answers through `cache` (fresh), the needles as the rows of one
+    batch (they must share prompt and answer lengths): per row, whether every answer token is
+    the model's most likely one, and the answer's mean log-probability."""
+    lengths = {(len(n.tokens), len(n.answer)) for n in needles}
+    if len(lengths) != 1:
+        raise ValueError(f"needles in one batch must share prompt and answer lengths, got {sorted(lengths)}")
+    tokens = mx.array([n.tokens + n.answer[:-1] for n in needles], dtype=mx.int32)  # [B, P + A - 1]
+    n_prompt = len(needles[0].tokens) - 1  # fed before the forward that predicts the answer
     for start in range(0, n_prompt, chunk):
-        model(tokens[None, start : min(start + chunk, n_prompt)], cache, check_tokens=False)
+        model(tokens[:, start : min(start + chunk, n_prompt)], cache, check_tokens=False)
         mx.eval([c.state for c in cache])
-    logits = model(tokens[None, n_prompt:], cache, check_tokens=False)[0].astype(mx.float32)  # [A, V]
+    logits = model(tokens[:, n_prompt:], cache, check_tokens=False).astype(mx.float32)  # [B, A, V]
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    answer = mx.array(needle.answer, dtype=mx.int32)
-    chosen = mx.take_along_axis(logprobs, answer[:, None], axis=-1)[:, 0]
-    hit = mx.all(mx.argmax(logprobs, axis=-1) == answer)
+    answer = mx.array([n.answer for n in needles], dtype=mx.int32)  # [B, A]
+    chosen = mx.take_along_axis(logprobs, answer[..., None], axis=-1)[..., 0]  # [B, A]
+    hit = mx.all(mx.argmax(logprobs, axis=-1) == answer, axis=-1)  # [B]
     mx.eval(chosen, hit)
-    return {"retrieved": bool(hit.item()), "answer_logprob": float(np.mean(np.array(chosen)))}
+    return [{"retrieved": bool(h), "answer_logprob": float(np.mean(c))}
+            for h, c in zip(np.array(hit), np.array(chosen))]
+
+
+def score(model: Any, cache: list, needle: Needle, *, chunk: int = 256) -> dict[str, Any]:
+    """`score_batch` of one needle."""
+    return score_batch(model, cache, [needle], chunk=chunk)[0]
+
+
+def _score_all(model: Any, make_cache: Callable[[], list], needles: list[Needle], chunk: int) -> list[dict]:
+    """Needles of equal lengths in one batch each (rows of one forward); a cache that cannot hold a
+    batch (B > 1) gets them one at a time."""
+    groups: dict[tuple, list[int]] = {}
+    for i, needle in enumerate(needles):
+        groups.setdefault((len(needle.tokens), len(needle.answer)), []).append(i)
+    out: list[Any] = [None] * len(needles)
+    for rows in groups.values():
+        try:
+            results = score_batch(model, make_cache(), [needles[i] for i in rows], chunk=chunk)
+        except (ValueError, TypeError):
+            if len(rows) == 1:
+                raise
+            results = [score(model, make_cache(), needles[i], chunk=chunk) for i in rows]
+        for i, result in zip(rows, results):
+            out[i] = result
+    return out
 
 
 def needle_grid(model: Any, tokenizer: Any, make_cache: Callable[[], list], contexts: Sequence[int],
@@ -116,7 +145,8 @@ def needle_grid(model: Any, tokenizer: Any, make_cache: Callable[[], list], cont
                 filler: str = FILLER, max_positions: Optional[int] = None,
                 progress: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """Accuracy and mean answer log-probability for every context length x depth, over
-    `trials` passkeys each (the same passkeys for every cache: they depend on `seed` only).
+    `trials` passkeys each (the same passkeys for every cache: they depend on `seed` only),
+    the trials of a cell evaluated as the rows of one batch where their lengths agree.
     Contexts past `max_positions` (a learned position table) or too short for the prompt's
     fixed parts are skipped and listed."""
     cells, skipped = [], []
@@ -126,17 +156,15 @@ def needle_grid(model: Any, tokenizer: Any, make_cache: Callable[[], list], cont
             continue
         for depth in depths:
             rng = random.Random(f"{seed}-{context}-{depth}")
-            results = []
             try:
                 needles = [make_needle(tokenizer, context, depth, random_passkey(rng), filler=filler)
                            for _ in range(trials)]
             except ValueError as error:  # too short for the instruction, needle and question
                 skipped.append({"context": context, "depth": depth, "reason": str(error)})
                 continue
-            for needle in needles:
-                results.append(score(model, make_cache(), needle, chunk=chunk))
-                if progress:
-                    progress(needle.context)
+            results = _score_all(model, make_cache, needles, chunk)
+            if progress:
+                progress(sum(needle.context for needle in needles))
             cells.append({
                 "context": context, "depth": depth, "trials": trials,
                 "accuracy": sum(r["retrieved"] for r in results) / trials,

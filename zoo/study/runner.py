@@ -166,14 +166,18 @@ def _baseline_spec(model: Any, baseline: Optional[CacheSpec]) -> CacheSpec:
 
 
 def _conformance(model: Any, spec: CacheSpec, tokens: list[int], seq_len: int) -> dict[str, Any]:
-    report = conformance.check(model, lambda: spec.make(model), tokens, chunks=_uneven(len(tokens)), decode=8)
+    from ..cli.check import uneven_chunks
+
+    report = conformance.check(model, lambda: spec.make(model), tokens, chunks=uneven_chunks(len(tokens)),
+                               decode=8)
     return {
         "ok": report.ok,
         "max_abs_diff": report.exact_diff,
         "tolerance": report.tolerance,
         "greedy_agree": f"{report.greedy_agree}/{report.greedy_steps}",
         "rounding_flips": report.rounding_flips,
-        "problem": report.problem or ("; ".join(report.storage) or None),
+        "problem": "; ".join(([report.problem] if report.problem else []) + list(report.storage)
+                             + list(getattr(report, "rows", []))) or None,
         "prompt_tokens": len(tokens),
         "exact_vs_true_model_over_text": caches.exact_for(spec.name, seq_len=seq_len, **spec.options),
         "reference": repr(caches.reference_of(spec.name, **spec.options)),
@@ -187,17 +191,6 @@ def _guarded(stage: Any) -> dict[str, Any]:
         return stage()
     except (ValueError, TypeError, NotImplementedError) as error:
         return {"error": f"{type(error).__name__}: {error}"}
-
-
-def _uneven(n: int) -> list[int]:
-    sizes, left, i = [], n, 0
-    for size in iter(lambda: (5, 1, 11, 7)[i % 4], None):
-        if left <= 0:
-            break
-        sizes.append(min(size, left))
-        left -= sizes[-1]
-        i += 1
-    return sizes
 
 
 def study_model(path: str, content: str, specs: list[CacheSpec], settings: Settings,
@@ -218,6 +211,10 @@ def study_model(path: str, content: str, specs: list[CacheSpec], settings: Setti
                      f"positions end there")
         tokens = tokens[:limit]
     base = _baseline_spec(model, baseline)
+    base_exact = caches.exact_for(base.name, seq_len=len(tokens), **base.options)
+    if not base_exact and base != _baseline_spec(model, None):  # the default is the model's own
+        notes.append(f"baseline {base.label} is not exact against the true model over {len(tokens)} "
+                     f"tokens: KL and delta perplexity are against it, not against the model")
     jobs = [_Job(spec, spec.label) for spec in specs]
     for job in jobs:  # the cache must be able to serve this model
         try:

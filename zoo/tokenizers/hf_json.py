@@ -142,7 +142,7 @@ class HFJsonTokenizer(Tokenizer):
             if token is not None and lib.token_to_id(token) is None:
                 raise ValueError(f"{path}: {token!r} is named as BOS/EOS but is not in the vocabulary")
         self.bos_id = lib.token_to_id(bos_token) if bos_token is not None else None
-        self.eos_ids = frozenset({lib.token_to_id(t) for t in eos_tokens} | {int(i) for i in extra_eos_ids})
+        self.eos_ids = frozenset({lib.token_to_id(t) for t in eos_tokens} | {int(i) for i in extra_eos_ids if 0 <= int(i) < self.vocab_size})
         self.add_bos = add_bos and self.bos_id is not None
 
     def _run(self, text: str, special: bool) -> list[int]:

@@ -72,7 +72,7 @@ class TrainSettings:
     eval_batches: int = 8
     val_fraction: float = 0.1
     seed: int = 0
-    max_minutes: Optional[float] = None  # stop after this long; the cosine then runs on time
+    max_minutes: Optional[float] = None  # stop after this long (the cosine then runs on time); 0/None: no limit
     stop_after: Optional[int] = None  # pause after this step (resume=True continues to `steps`)
     progress: bool = True
 
