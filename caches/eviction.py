@@ -69,26 +69,8 @@ class EvictionCache(Cache):
         self.layers: list = []  # the model's caches, set by join (not saved: rebuilt on load)
         self.evicted = False  # True once any key was evicted
 
-    # A model split over processes by heads (zoo.shard) sets `model.gather_heads`: per-head
-    # scores [H_local, S] of every process, concatenated in global head order [H, S].
-    gather_heads = None
-
-    def check_model(self, model) -> None:
-        super().check_model(model)
-        self.gather_heads = getattr(model, "gather_heads", None)
-
-    def summed_over_heads(self, per_head: mx.array) -> mx.array:
-        """Scores [H_local, S] of this process's query heads -> [S], summed over every head of
-        the layer in one order, whether or not the heads are split over processes (so all
-        processes, and one process alone, pick the same keys even on near-ties)."""
-        if self.gather_heads is not None:
-            per_head = self.gather_heads(per_head)  # [H, S]
-        return per_head.sum(axis=0)
-
     def join(self, layers):
         self.layers = list(layers)
-        if self.gather_heads is None and self.layers:  # caches.make checks the first layer's cache only
-            self.gather_heads = getattr(self.layers[0], "gather_heads", None)
 
     # -- storage ---------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ class H2OCache(EvictionCache):
         visible = q_positions[:, None] >= positions[None, :]  # kept keys + the causal chunk
         weights = masked_softmax(scores, visible, additive)
         out = grouped_values(weights.astype(values.dtype), values)
-        mass = self.summed_over_heads(weights.astype(mx.float32).sum(axis=(0, 2)))  # [S] from [Hq, S]
+        mass = self.across_heads(weights.astype(mx.float32).sum(axis=(0, 1, 2)))  # [S], every head (zoo.shard)
         L = queries.shape[2]
         if self.scores is not None:
             mass = mass + mx.concatenate([self.scores, mx.zeros((L,), mx.float32)])

@@ -91,7 +91,7 @@ class SnapKVCache(EvictionCache):
         scores = grouped_scores(self.observed, self.keys, scale)  # [B, Hq, w, S]
         additive = None if bias is None else bias(q_positions, k_positions)
         weights = masked_softmax(scores, q_positions[:, None] >= k_positions[None, :], additive)
-        votes = self.summed_over_heads(weights[..., : S - w].astype(mx.float32).sum(axis=(0, 2)))  # [S - w] from [Hq, S - w]
+        votes = self.across_heads(weights[..., : S - w].astype(mx.float32).sum(axis=(0, 1, 2)))  # [S - w], every head
         chosen = snap_selection(votes, self.budget - w, self.kernel_size)
         self._evict(mx.concatenate([chosen, mx.arange(S - w, S, dtype=mx.int32)]))
         self.compressed_at = self.offset

@@ -182,7 +182,7 @@ def run(bug: Bug, source: Path, need: int, timeout: int) -> tuple[list[str], flo
                 problem = f"pytest exit {done.returncode}: {last}"
         except subprocess.TimeoutExpired:
             problem = f"timed out after {timeout} s"
-        return log.read_text().split(), time.perf_counter() - start, problem
+        return log.read_text().splitlines(), time.perf_counter() - start, problem
 
 
 def main() -> int:

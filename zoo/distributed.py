@@ -39,8 +39,6 @@ they are copied), plus the full embedding, norms and LM head, plus its heads' ca
 
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -63,14 +61,6 @@ def all_sum(x: mx.array, group: Any) -> mx.array:
     if isinstance(group, mx.distributed.Group):
         return mx.distributed.all_sum(x, group=group)
     return group.all_sum(x)
-
-
-def all_gather(x: mx.array, group: Any) -> mx.array:
-    """Every process's `x`, concatenated along axis 0 in rank order (mx.distributed.all_gather;
-    a stand-in without all_gather returns its own)."""
-    if isinstance(group, mx.distributed.Group):
-        return mx.distributed.all_gather(x, group=group)
-    return group.all_gather(x) if hasattr(group, "all_gather") else x
 
 
 # -- which heads and units each process holds ---------------------------------------------
@@ -317,9 +307,6 @@ def shard(model: nn.Module, group: Optional[GroupLike] = None, *, evaluate: bool
             mx.eval(block.parameters())
     model.distributed = part
     model.heads_group = group  # caches.make hands it to the caches (Cache.across_heads)
-    # eviction caches (h2o, snapkv) score keys by attention summed over a layer's heads: they
-    # gather every process's per-head scores (rank order = global head order) and sum those
-    model.gather_heads = functools.partial(all_gather, group=group)
     if evaluate:
         mx.eval(model.parameters())
     return model
