@@ -137,6 +137,10 @@ def test_a_cache_sums_across_heads_only_when_split():
     split = caches.make("concat", zoo.shard(build("llama"), Doubling(0, 2)))
     assert all(isinstance(c.heads_group, Doubling) for c in split)
     assert mx.array_equal(split[0].across_heads(x), 2 * x)
+    # eviction caches sum across processes in every layer (not the first only)
+    if "h2o" in caches.available():
+        evicting = caches.make("h2o", zoo.shard(build("llama"), Doubling(0, 2)), budget=5, recent=1)
+        assert len(evicting) > 1 and all(isinstance(c.heads_group, Doubling) for c in evicting)
 
 
 def test_each_rank_keeps_its_heads_and_units():
