@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers.assets import require_asset, require_module
 from helpers.tokenizers import gguf_tokenizer, sentencepiece_oracle
@@ -43,3 +45,14 @@ def test_equal_scores_between_different_pieces_break_to_the_leftmost_pair():
     texts = ["".join(rng.choice("abcdehilnorst ") for _ in range(rng.randint(2, 14))) for _ in range(1500)]
     mismatches = [t for t in texts if tok.encode(t, add_bos=False) != sp.encode(t)]
     assert mismatches == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="lopae", min_size=1, max_size=12), min_size=1, max_size=3))
+def test_any_string_of_tie_prone_letters_matches_sentencepiece(words):
+    """Hypothesis over words of letters whose doubles are pieces ("ll", "oo", "pp"): runs of
+    every length and mixture, where equal-score merges compete everywhere. (Single spaces
+    between words: sentencepiece's normalizer collapses and strips other whitespace.)"""
+    text = " ".join(words)
+    tok, sp = gguf_tokenizer(), sentencepiece_oracle()
+    assert tok.encode(text, add_bos=False) == sp.encode(text)
