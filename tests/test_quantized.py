@@ -267,3 +267,43 @@ def test_reference_rounds_each_token_independently():
     whole, _ = ref.transform_kv(x, x)
     parts = mx.concatenate([ref.transform_kv(x[:, :, i : i + 1], x)[0] for i in range(9)], axis=2)
     assert mx.array_equal(whole, parts).item()
+
+
+# -- the widths the user asked for are the widths stored (three independent views) -----------
+
+MIXED = dict(group_size=32, key_bits=8, value_bits=3)
+
+
+def test_mixed_widths_match_a_reference_built_from_the_request_itself():
+    """The oracle is built from the options asked for, not from what the cache says it is: a
+    cache that stored values at the key width would match its own reference, not this one."""
+    model = zoo.build("llama", preset="tiny", seed=6)
+    tokens = tokens_of(16)
+    requested = QuantizedReference(bits=MIXED["key_bits"], group_size=32, key_bits=8, value_bits=3)
+    cache = caches.make("quantized", model, **MIXED)
+    got = feed(model, cache, tokens, [5, 1, 10])
+    stored = QuantizedReference(bits=8, group_size=32, key_bits=8, value_bits=8)
+    want, wrong = oracle(model, tokens, requested), oracle(model, tokens, stored)
+    assert mx.abs(want - wrong).max().item() > 1e-2  # 3-bit values really differ from 8-bit ones
+    assert mx.abs(got - want).max().item() <= TOL
+
+
+def test_mixed_widths_take_the_bytes_of_the_widths_asked_for():
+    """Packed bytes per token from the formula: D * bits / 8 plus a scale and a bias per group."""
+    keys = mx.random.normal((1, 2, 256, 64), key=mx.random.key(1))
+    values = mx.random.normal((1, 2, 256, 64), key=mx.random.key(2))
+    cache = QuantizedCache(**MIXED)
+    cache.update_and_fetch(keys, values)
+    per_group = 2 * 4  # float32 scale and bias
+    want = 2 * 256 * ((64 * 8 // 8 + 2 * per_group) + (64 * 3 // 8 + 2 * per_group))
+    assert cache.nbytes == want
+
+
+def test_mixed_widths_are_what_a_saved_cache_says_and_reloads(tmp_path):
+    model = zoo.build("llama", preset="tiny", seed=6)
+    cache = caches.make("quantized", model, **MIXED)
+    feed(model, cache, tokens_of(6), [6])
+    caches.save(tmp_path / "mixed.safetensors", cache)
+    loaded, _ = caches.load(tmp_path / "mixed.safetensors")
+    assert {k: loaded[0].options()[k] for k in MIXED} == MIXED
+    assert (loaded[0].key_bits, loaded[0].value_bits) == (8, 3)
