@@ -584,6 +584,20 @@ class Cache:
             return False
 
 
+class KeyValueRows(Cache):
+    """A strategy that keeps in-order keys and values in `self.keys` / `self.values` ([B, H, S, *]
+    arrays, or tuples of them): the row hooks of ragged batches, written once."""
+
+    def _select_rows(self, index):
+        self._take_rows(index, "keys", "values")
+
+    def _extend_rows(self, other, width, padding):
+        self._stack_rows(other, width, "keys", "values")
+
+    def _drop_front(self, n):
+        self._slice_front(n, "keys", "values")
+
+
 def ragged_refusal(cls: type) -> Optional[str]:
     """Why cache class `cls` cannot serve ragged (left-padded) rows, or None when it can (it
     was registered with `ragged=True`)."""

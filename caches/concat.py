@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .base import Cache
+from .base import KeyValueRows
 from .registry import register
 
 
 @register("concat", ragged=True)
-class ConcatCache(Cache):
+class ConcatCache(KeyValueRows):
     """Keys and values grow by concatenation (mlx-lm's ConcatenateKVCache).
 
     Exact against the uncached model. Each step copies the whole cache, so decode cost grows
@@ -38,15 +38,6 @@ class ConcatCache(Cache):
         if keys.shape[2] != self.offset:
             raise ValueError(f"concat cache state holds {keys.shape[2]} tokens, its offset says {self.offset}")
         self.keys, self.values = keys, values
-
-    def _select_rows(self, index):
-        self._take_rows(index, "keys", "values")
-
-    def _extend_rows(self, other, width, padding):
-        self._stack_rows(other, width, "keys", "values")
-
-    def _drop_front(self, n):
-        self._slice_front(n, "keys", "values")
 
     def _trim(self, n):
         self.keys = self.keys[..., : self.offset - n, :]

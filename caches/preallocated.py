@@ -6,7 +6,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .base import Cache
+from .base import KeyValueRows
 from .registry import register
 
 
@@ -15,7 +15,7 @@ def _examples(head_dim: int, seq_len: int) -> list[dict]:
 
 
 @register("preallocated", examples=_examples, ragged=True)
-class PreallocatedCache(Cache):
+class PreallocatedCache(KeyValueRows):
     """Keys and values written in place into a buffer (mlx-lm's KVCache).
 
     With `capacity=None` the buffer grows `step` slots at a time; with `capacity=N` it is
@@ -93,16 +93,13 @@ class PreallocatedCache(Cache):
         if self.capacity is not None:
             self._slots = self.capacity + max(padding)
 
-    def _select_rows(self, index):
-        self._take_rows(index, "keys", "values")
-
     def _extend_rows(self, other, width, padding):
         if self.capacity is not None:  # every row can still hold `capacity` tokens
             self._slots = self.capacity + max(padding)
-        self._stack_rows(other, width, "keys", "values")
+        super()._extend_rows(other, width, padding)
 
     def _drop_front(self, n):
-        self._slice_front(n, "keys", "values")  # the buffer's free slots past offset stay
+        super()._drop_front(n)  # the buffer's free slots past offset stay
         if self._slots is not None:
             self._slots -= n  # what the buffer still holds
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 from . import affine
 from .affine import affine_grid  # noqa: F401  (re-exported: the grid the rounding reference uses)
 from .attention import Bias, scaled_dot_product_attention, visibility
-from .base import Cache
+from .base import KeyValueRows
 from .reference import Reference
 from .registry import register
 
@@ -119,7 +119,7 @@ def _reference(cache: "QuantizedCache") -> QuantizedReference:
 
 
 @register("quantized", reference=_reference, examples=_examples, exact=False, ragged=True)
-class QuantizedCache(Cache):
+class QuantizedCache(KeyValueRows):
     """Keys and values as `bits`-bit integers with a scale and bias per `group_size` features.
 
     `key_bits`/`value_bits` (default: `bits`) set the two widths separately. Exact against
@@ -323,15 +323,6 @@ class QuantizedCache(Cache):
         if self.keys is None:
             return 0
         return sum(a.nbytes for a in self.keys + self.values)
-
-    def _select_rows(self, index):
-        self._take_rows(index, "keys", "values")
-
-    def _extend_rows(self, other, width, padding):
-        self._stack_rows(other, width, "keys", "values")
-
-    def _drop_front(self, n):
-        self._slice_front(n, "keys", "values")
 
     def _trim(self, n):
         pass  # slots past the new offset are overwritten by the next update
