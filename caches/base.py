@@ -490,7 +490,9 @@ class Cache:
         """Rebuild a cache from `state` and `meta_state` so that it continues bit-exactly.
 
         `caches.load` calls this on the class registered under the saved name; raises
-        ValueError if the arrays or strings cannot make a valid cache.
+        ValueError if the arrays or strings cannot make a valid cache. Only "offset" is
+        required: without "options" the cache is built with its defaults (a cache with no
+        options, or mlx-lm's, need not save any), without "layout" the first update sets it.
         """
         try:
             options = json.loads(meta_state.get("options", "{}"))
@@ -501,18 +503,21 @@ class Cache:
             raise ValueError(f"corrupt {cls.__name__} metadata: {error}") from None
         if not isinstance(options, dict) or offset < 0:
             raise ValueError(f"corrupt {cls.__name__} metadata: options {options!r}, offset {offset}")
-        cache = cls(**options)
+        try:
+            cache = cls(**options)
+        except TypeError as error:  # an option the class does not take
+            raise ValueError(f"corrupt {cls.__name__} metadata: options {options!r}: {error}") from None
         if padding is not None:
             cache.prepare_rows(padding)
         state = tuple(state)
         if not state and offset:
             raise ValueError(f"{cls.__name__} state has no arrays but offset {offset}")
         cache.offset = offset
-        if state:
-            cache._restore(state)
-        if layout is not None:
+        if layout is not None:  # before _restore, which may check its arrays against it
             B, H, Dk, Dv, dtype = layout
             cache._layout = (B, H, Dk, Dv, getattr(mx, dtype))
+        if state:
+            cache._restore(state)
         return cache
 
     # -- validation ------------------------------------------------------------------------

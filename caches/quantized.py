@@ -316,6 +316,12 @@ class QuantizedCache(KeyValueRows):
                 raise ValueError(f"quantized cache state arrays do not fit offset {self.offset}, "
                                  f"bits {self.key_bits}/{self.value_bits}, "
                                  f"group_size {self.group_size}")
+        # Packed widths alone do not fix the head size (6-bit values of 64 features pack like
+        # 4-bit values of 96); the layout the file saved does.
+        if self._layout is not None and (dk, dv) != tuple(self._layout[2:4]):
+            raise ValueError(f"quantized cache state unpacks to keys of {dk} and values of {dv} "
+                             f"features at bits {self.key_bits}/{self.value_bits}, but its layout "
+                             f"says {self._layout[2]} and {self._layout[3]}: saved at other widths?")
         self.keys, self.values = list(state[:3]), list(state[3:])
 
     @property

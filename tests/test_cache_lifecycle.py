@@ -83,6 +83,37 @@ def test_a_users_own_registered_cache_round_trips(model, tmp_path, registered):
     assert mx.array_equal(rest_logprobs, whole_logprobs[3:]).item()
 
 
+class OffsetOnlyCache(NewestFirstCache):
+    """A user's cache that saves only its offset, as mlx-lm's caches do: it has no options."""
+
+    @property
+    def meta_state(self):
+        return {"offset": str(self.offset)}
+
+
+def test_a_meta_state_of_only_the_offset_loads_and_continues(model, tmp_path, registered):
+    registered("user-offset-only", OffsetOnlyCache)
+    prompt = tokens_of(9)
+    whole, whole_logprobs = generate(model, prompt, caches.make("user-offset-only", model), 7)
+    cache = caches.make("user-offset-only", model)
+    first, _ = generate(model, prompt, cache, 2)
+    caches.save(tmp_path / "offset.safetensors", cache)
+    loaded, _ = caches.load(tmp_path / "offset.safetensors")
+    assert [c.offset for c in loaded] == [10] * len(model.layers)
+    rest, rest_logprobs = generate(model, [first[-1]], loaded, 5)
+    assert first + rest == whole
+    assert mx.array_equal(rest_logprobs, whole_logprobs[2:]).item()
+
+
+def test_saved_options_the_cache_does_not_take_are_a_clear_error(model, tmp_path):
+    cache = caches.make("rotating", model, max_size=8, keep=2)
+    meta = {**cache[0].meta_state, "options": '{"max_size": 8, "sinks": 2}'}
+    with pytest.raises(ValueError, match="corrupt RotatingCache metadata: options .*'sinks'"):
+        type(cache[0]).from_state((), meta)
+    defaults = type(cache[0]).from_state((), {"offset": "0"})  # no options: the defaults
+    assert defaults.options() == caches.get("rotating")().options()
+
+
 def test_empty_caches_round_trip(model, tmp_path):
     cache = caches.make("rotating", model, max_size=8, keep=2)
     caches.save(tmp_path / "empty.safetensors", cache)

@@ -3,6 +3,8 @@ through mx.quantize/mx.dequantize (QuantizedReference), and its drift from the t
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import pytest
 
@@ -307,3 +309,36 @@ def test_mixed_widths_are_what_a_saved_cache_says_and_reloads(tmp_path):
     loaded, _ = caches.load(tmp_path / "mixed.safetensors")
     assert {k: loaded[0].options()[k] for k in MIXED} == MIXED
     assert (loaded[0].key_bits, loaded[0].value_bits) == (8, 3)
+
+
+def test_a_state_saved_at_other_value_bits_is_refused():
+    """Values packed at 6 bits, loaded with metadata naming another value width: refused with
+    the widths named. With the layout (the head sizes) every other width is refused; without
+    it, every width whose packing cannot be 6-bit values of 64 features in groups of 64 (4 bits
+    packs 96 features in the same words and one group: indistinguishable without the layout)."""
+    keys = mx.random.normal((1, 2, 4, 64), key=mx.random.key(3))
+    saved = QuantizedCache(key_bits=8, value_bits=6, group_size=64)
+    saved.update_and_fetch(keys, keys)
+    meta, options = saved.meta_state, json.loads(saved.meta_state["options"])
+    assert json.loads(meta["layout"])[2:4] == [64, 64]
+    for value_bits in (2, 3, 4, 5, 8):
+        wrong = {**meta, "options": json.dumps({**options, "value_bits": value_bits})}
+        without_layout = {k: v for k, v in wrong.items() if k != "layout"}
+        for bad in (wrong, without_layout) if value_bits != 4 else (wrong,):
+            with pytest.raises(ValueError, match=f"bits 8/{value_bits}"):
+                QuantizedCache.from_state(saved.state, bad)
+    loaded = QuantizedCache.from_state(saved.state, meta)
+    assert (loaded.offset, loaded.value_bits) == (4, 6)
+
+
+def test_a_reference_that_does_not_round_demands_equality():
+    """Reference.rounding_flips for the exact reference: no flips ever, and any stored value
+    that is not the computed one is a problem, however close."""
+    keys = mx.random.normal((1, 2, 5, 8), key=mx.random.key(4))
+    values = mx.random.normal((1, 2, 5, 8), key=mx.random.key(5))
+    assert caches.EXACT.rounding_flips((keys, values), (mx.array(keys), mx.array(values))) == (0, None)
+    nudged = mx.array(values)
+    nudged[0, 1, 3, 2] = nudged[0, 1, 3, 2] + 1e-6
+    for stored in ((keys, nudged), (nudged, values), (values, keys)):
+        flips, problem = caches.EXACT.rounding_flips((keys, values), stored)
+        assert flips == 0 and "not the reference's" in problem
