@@ -1,11 +1,13 @@
-"""Run mutmut on a fixed random sample of the mutants of caches/ and positional/.
+"""Run mutmut on a fixed random sample of the mutants of caches/, positional/, sampling/ and
+the model path of zoo/ (pyproject.toml's [tool.mutmut]).
 
-A full run (about 2,800 mutants, each running the tests that cover its function) takes days on a
-2-core machine; a seeded sample gives a score with a known error bar in an hour or two.
+A full run (thousands of mutants, each running the tests that cover its function) takes days on
+a 2-core machine; a seeded sample gives a score with a known error bar in an hour or two.
 
     mutmut run --max-children 1 "caches.concat*"   # mutmut directly: one module (pyproject [tool.mutmut])
     python tools/mutation_sample.py --size 100 --seed 0   # a sample, then `mutmut results`
-    python tools/mutation_sample.py --report             # score of what has run so far
+    python tools/mutation_sample.py --size 40 --seed 1 --only positional   # one package's mutants
+    python tools/mutation_sample.py --size 100 --seed 0 --report   # score of that sample so far
 
 Run from the repository root; mutmut works in ./mutants (git-ignored). docs/testing.md records
 the last score and every surviving mutant.
@@ -36,6 +38,11 @@ def module(name: str) -> str:
     return ".".join(name.split(".")[:2])
 
 
+def package(name: str) -> str:
+    """caches, positional, sampling or zoo (the model path)."""
+    return name.split(".")[0]
+
+
 def report(states: dict[str, str], sample: list[str] | None = None) -> None:
     names = sample or [n for n, s in states.items() if s != "not checked"]
     done = [n for n in names if states.get(n, "not checked") != "not checked"]
@@ -47,13 +54,14 @@ def report(states: dict[str, str], sample: list[str] | None = None) -> None:
         p = len(killed) / len(done)
         half = 1.96 * math.sqrt(p * (1 - p) / len(done))
         print(f"score {100 * p:.1f}% (95% interval +-{100 * half:.1f} points)")
-    by_module: dict[str, list[int]] = {}
-    for n in done:
-        counts = by_module.setdefault(module(n), [0, 0])
-        counts[0] += states[n] == "killed"
-        counts[1] += 1
-    for mod, (k, total) in sorted(by_module.items()):
-        print(f"  {mod:24} {k}/{total}")
+    for group in (package, module):
+        counted: dict[str, list[int]] = {}
+        for n in done:
+            counts = counted.setdefault(group(n), [0, 0])
+            counts[0] += states[n] == "killed"
+            counts[1] += 1
+        for name, (k, total) in sorted(counted.items()):
+            print(f"  {name:24} {k}/{total}")
     for n in done:
         if states[n] != "killed":
             print(f"  {states[n]}: {n}")
@@ -63,13 +71,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
+                        help="sample only mutants whose name starts with PREFIX (a package, "
+                             "'positional', or a module, 'caches.rotating'); repeatable")
     parser.add_argument("--report", action="store_true", help="only print the score so far")
     args = parser.parse_args()
     states = mutant_states()
     if not states:  # mutmut has not generated the mutants yet: a run with no mutant does that
         subprocess.run(["mutmut", "run", "caches.concat.none"], check=False)
         states = mutant_states()
-    names = sorted(states)
+    names = sorted(n for n in states if not args.only or any(
+        n == p or n.startswith(p + ".") for p in args.only))
     sample = sorted(random.Random(args.seed).sample(names, min(args.size, len(names))))
     if not args.report:
         subprocess.run(["mutmut", "run", "--max-children", "1", *sample], check=False)
