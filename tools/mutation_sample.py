@@ -8,6 +8,8 @@ a 2-core machine; a seeded sample gives a score with a known error bar in an hou
     python tools/mutation_sample.py --size 100 --seed 0   # a sample, then `mutmut results`
     python tools/mutation_sample.py --size 40 --seed 1 --only positional   # one package's mutants
     python tools/mutation_sample.py --size 100 --seed 0 --report   # score of that sample so far
+    python tools/mutation_sample.py --size 100 --seed 0 --property-only   # which of its killed
+        # mutants the property test alone kills (each rerun in ./mutants against it only)
 
 Run from the repository root; mutmut works in ./mutants (git-ignored). docs/testing.md records
 the last score and every surviving mutant.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import subprocess
 import sys
@@ -67,6 +70,31 @@ def report(states: dict[str, str], sample: list[str] | None = None) -> None:
             print(f"  {states[n]}: {n}")
 
 
+PROPERTY_TEST = ["tests/test_equivalence.py", "-k", "preserves"]  # the property test, alone
+
+
+def killed_by_property_test(name: str) -> bool:
+    """Rerun mutant `name` in ./mutants against only the property test: True if it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # ./mutants' code wins
+    env["MUTANT_UNDER_TEST"] = name
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          *PROPERTY_TEST], cwd="mutants", env=env, capture_output=True, text=True)
+    return run.returncode != 0
+
+
+def property_share(states: dict[str, str], sample: list[str]) -> None:
+    killed = [n for n in sample if states.get(n) == "killed"]
+    alone = []
+    for n in killed:
+        if killed_by_property_test(n):
+            alone.append(n)
+        print(f"  {'killed' if n in alone else 'survived'} by the property test alone: {n}", flush=True)
+    for group in sorted({package(n) for n in killed}):
+        k = [n for n in killed if package(n) == group]
+        print(f"  {group:24} {sum(n in alone for n in k)}/{len(k)} of its killed mutants")
+    print(f"the property test alone kills {len(alone)} of the {len(killed)} killed mutants")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=100)
@@ -75,6 +103,8 @@ def main() -> int:
                         help="sample only mutants whose name starts with PREFIX (a package, "
                              "'positional', or a module, 'caches.rotating'); repeatable")
     parser.add_argument("--report", action="store_true", help="only print the score so far")
+    parser.add_argument("--property-only", action="store_true",
+                        help="rerun the sample's killed mutants against the property test alone")
     args = parser.parse_args()
     states = mutant_states()
     if not states:  # mutmut has not generated the mutants yet: a run with no mutant does that
@@ -83,6 +113,9 @@ def main() -> int:
     names = sorted(n for n in states if not args.only or any(
         n == p or n.startswith(p + ".") for p in args.only))
     sample = sorted(random.Random(args.seed).sample(names, min(args.size, len(names))))
+    if args.property_only:
+        property_share(states, sample)
+        return 0
     if not args.report:
         subprocess.run(["mutmut", "run", "--max-children", "1", *sample], check=False)
         states = mutant_states()
