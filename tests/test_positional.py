@@ -166,6 +166,13 @@ def test_llama3_rope_options_are_checked(change, message):
         RoPE(16, llama3={k: v for k, v in LLAMA3.items() if k != "factor"})
 
 
+@pytest.mark.parametrize("given", ["llama3", 8.0, [("factor", 8.0)]])
+def test_llama3_rope_scaling_that_is_no_dict_names_the_fields(given):
+    with pytest.raises(TypeError, match="must be a dict with factor, low_freq_factor, "
+                                        "high_freq_factor, original_max_position_embeddings"):
+        RoPE(16, llama3=given)
+
+
 def test_llama3_scaling_lives_in_the_config_and_needs_rope():
     model = zoo.build("llama", preset="tiny", rope_scaling=LLAMA3)
     assert model.config.rope_scaling == LLAMA3
@@ -211,3 +218,15 @@ def test_a_registered_scheme_becomes_available():
         from positional import registry
 
         registry.SCHEMES.remove("test-nope")
+
+
+def test_learned_positions_of_left_padding_read_the_first_row_of_the_table():
+    """A ragged batch gives padding slots negative positions: they read row 0 of the table (a
+    valid row; attention never sees them), never row -1 from the end; real slots read their own."""
+    learned = LearnedPositional(8, 4)
+    learned.weight = mx.arange(32, dtype=mx.float32).reshape(8, 4)  # row p = 4p .. 4p+3
+    positions = mx.array([[-2, -1, 0, 1], [0, 1, 2, 3]])  # [B, L]: row 0 has two padding slots
+    out = np.array(learned.embed(mx.zeros((2, 4, 4)), positions))  # [B, L, d]
+    table = np.arange(32, dtype=np.float32).reshape(8, 4)
+    assert np.array_equal(out[0], table[[0, 0, 0, 1]])
+    assert np.array_equal(out[1], table[[0, 1, 2, 3]])
