@@ -230,3 +230,14 @@ def test_learned_positions_of_left_padding_read_the_first_row_of_the_table():
     table = np.arange(32, dtype=np.float32).reshape(8, 4)
     assert np.array_equal(out[0], table[[0, 0, 0, 1]])
     assert np.array_equal(out[1], table[[0, 1, 2, 3]])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"dims": 3}, r"even number of rotated dims >= 2, got 3"),
+    ({"dims": 0}, r"even number of rotated dims >= 2, got 0"),
+    ({"dims": 8, "base": 0}, r"base and scale must be positive, got base=0, scale=1.0"),
+    ({"dims": 8, "scale": -1.0}, r"base and scale must be positive, got base=10000.0, scale=-1.0"),
+])
+def test_bad_rope_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        RoPE(**options)
