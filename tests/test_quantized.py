@@ -342,3 +342,16 @@ def test_a_reference_that_does_not_round_demands_equality():
     for stored in ((keys, nudged), (nudged, values), (values, keys)):
         flips, problem = caches.EXACT.rounding_flips((keys, values), stored)
         assert flips == 0 and "not the reference's" in problem
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_narrow_group_steps_are_mx_quantizes_scales_for_the_same_values(bits):
+    """Groups of 8 (kvzoo's own packing): the rounding step of each value is the scale
+    mx.quantize gives its group's values repeated to a group of 32 (same minimum and maximum)."""
+    x = mx.random.normal((1, 2, 3, 16), key=mx.random.key(6))  # [B, H, L, D]: two groups of 8
+    k_step, v_step = QuantizedReference(bits, 8).rounding_step(x, 2 * x)
+    tiled = mx.tile(x.reshape(6, 2, 8), (1, 1, 4)).reshape(12, 32)
+    _, scales, _ = mx.quantize(tiled, group_size=32, bits=bits)
+    want = mx.repeat(mx.abs(scales).reshape(6, 2, 1), 8, axis=-1).reshape(x.shape)
+    assert mx.allclose(k_step, want, rtol=1e-6, atol=0).item()
+    assert mx.allclose(v_step, 2 * want, rtol=1e-6, atol=0).item()
