@@ -11,7 +11,7 @@ benchmarks feed it token ids, never text.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -42,13 +42,28 @@ def _placeholder_vocab(vocab_size: int) -> tuple[list[str], list[float], list[in
     return tokens, scores, types
 
 
+def _copy_tokenizer(gguf: Any, writer: Any, source: Path) -> None:
+    """Every `tokenizer.*` key of the GGUF file `source`, as stored."""
+    fields = gguf.GGUFReader(str(source)).fields
+    copied = 0
+    for key, field in fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+            copied += 1
+    if not copied:
+        raise ValueError(f"{source} has no tokenizer.* keys to copy")
+
+
 def write_gguf(model: Any, path: Path, file_type: str = "F32", *,
-               tokenizer: Optional[dict[str, Any]] = None) -> Path:
+               tokenizer: Optional[Union[dict[str, Any], str, Path]] = None) -> Path:
     """Write `model` (llama family, RoPE, gated SiLU MLP, RMSNorm, no biases) to `path`.
 
     file_type: "F32", "F16" or "Q8_0" for the 2-D weights (norms stay F32, as llama.cpp's
     converter keeps them). `tokenizer`: {"tokens", "scores", "types"} lists to embed, or None for
-    a placeholder vocabulary (see the module docstring).
+    a placeholder vocabulary (see the module docstring), or a GGUF file whose `tokenizer.*`
+    keys are copied (the model's own tokenizer, for text llama.cpp can read and write).
     """
     import gguf
 
@@ -83,14 +98,17 @@ def write_gguf(model: Any, path: Path, file_type: str = "F32", *,
         writer.add_rope_scaling_factor(1.0 / cfg.rope_scale)
     writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
-    vocab = tokenizer or dict(zip(("tokens", "scores", "types"), _placeholder_vocab(cfg.vocab_size)))
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(vocab["tokens"])
-    writer.add_token_scores(vocab["scores"])
-    writer.add_token_types(vocab["types"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    if isinstance(tokenizer, (str, Path)):
+        _copy_tokenizer(gguf, writer, Path(tokenizer))
+    else:
+        vocab = tokenizer or dict(zip(("tokens", "scores", "types"), _placeholder_vocab(cfg.vocab_size)))
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(vocab["tokens"])
+        writer.add_token_scores(vocab["scores"])
+        writer.add_token_types(vocab["types"])
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
 
     layout = GGUFLlamaLayout(cfg)
     for name, array in tree_flatten(model.parameters()):
