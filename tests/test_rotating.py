@@ -281,3 +281,19 @@ def test_mlx_lms_rotating_cache_agrees_on_identical_weights():
                 start += size
             ours = feed(model, caches.make("rotating", model, max_size=6, keep=keep), tokens, chunks)
             assert mx.abs(mx.concatenate(outs) - ours).max().item() <= TOL, (keep, chunks)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_a_half_precision_ring_stores_and_returns_half_precision(dtype):
+    """Keys and values of float16/bfloat16 stay so through the ring's growth and its wrap: the
+    returned values are the written ones exactly, and the bytes are two per number."""
+    cache = RotatingCache(max_size=6, keep=2)
+    keys = mx.random.normal((1, 2, 9, 8), key=mx.random.key(7)).astype(dtype)  # [B, H, L, D]
+    values = mx.random.normal((1, 2, 9, 8), key=mx.random.key(8)).astype(dtype)
+    for start, stop in ((0, 3), (3, 6), (6, 8), (8, 9)):  # grows, wraps, then one decode step
+        fetched_k, fetched_v = cache.update_and_fetch(keys[:, :, start:stop], values[:, :, start:stop])
+        assert fetched_k.dtype == fetched_v.dtype == dtype
+    assert cache.nbytes == 2 * 1 * 2 * 6 * 8 * 2  # keys and values, B=1, H=2, 6 slots, D=8, 2 bytes
+    held = cache.key_positions().tolist()  # after a one-token step: the slots, in stored order
+    assert sorted(held) == [0, 1, 5, 6, 7, 8]  # the two sinks and the last four
+    assert mx.array_equal(fetched_v, values[:, :, held]).item()
