@@ -26,13 +26,15 @@ def scaled_dot_product_attention(
     k_positions: Optional[mx.array],
     reference: Reference,
     bias: Optional[Bias] = None,
+    visible: Optional[mx.array] = None,
 ) -> mx.array:
     """Attend `queries` [B, Hq, Lq, D] to `keys`/`values` [B, Hkv, Lk, D].
 
     `k_positions=None` promises the keys hold positions 0..Lk-1 in order and the queries are the
     last Lq of them; with a causal reference and no bias that is MLX's lower-right aligned
     "causal" mask (or no mask for one query), so nothing is materialised. Otherwise the boolean
-    visibility comes from `reference.mask(q_positions, k_positions)` and the bias is added where
+    visibility comes from `reference.mask(q_positions, k_positions)` (through `visibility`; or
+    `visible`, when the caller already has it for these positions) and the bias is added where
     visible.
     """
     if k_positions is None:
@@ -43,7 +45,7 @@ def scaled_dot_product_attention(
                 )
             return fast_sdpa(queries, keys, values, scale=scale)  # one query sees every key
         k_positions = mx.arange(keys.shape[-2], dtype=mx.int32)
-    mask = visibility(reference, q_positions, k_positions)  # bool [Lq, Lk] or [B, Lq, Lk]
+    mask = visible if visible is not None else visibility(reference, q_positions, k_positions)  # bool [Lq, Lk] or [B, Lq, Lk]
     if mask.ndim == 3:
         mask = mask[:, None]  # [B, 1, Lq, Lk]: one mask for every head
     if bias is not None:

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
-from .attention import Bias, fast_sdpa, scaled_dot_product_attention
+from .attention import Bias, fast_sdpa, scaled_dot_product_attention, visibility
 from .reference import EXACT, Reference
 
 
@@ -73,6 +73,11 @@ class Fetched(NamedTuple):
     # zero-argument function returning them, called only when attention needs positions.
     positions: Any = None
     causal: bool = False  # True: plain causal visibility over these keys equals the reference's
+
+
+# The last forward's shared row mask (Cache.rows_visibility): (q_positions, (offset, padding),
+# key positions, visibility). One entry: the layers of one forward run one after another.
+_ROWS_MASK: list = [None]
 
 
 class Cache:
@@ -380,9 +385,10 @@ class Cache:
             # Ragged rows: each row's own positions, padding hidden, and always the reference's
             # mask (`causal` promises plain causal visibility of the padded sequence, which a
             # strategy grown for the padding, like rotating's extra slots, no longer keeps).
+            k_positions, visible = self.rows_visibility(q_positions)
             return scaled_dot_product_attention(
                 queries, keys, values, scale=scale, q_positions=q_positions,
-                k_positions=self.fetched_positions(), reference=self.reference, bias=bias)
+                k_positions=k_positions, reference=self.reference, bias=bias, visible=visible)
         if fetched.causal and bias is None and queries.shape[2] == 1:
             return fast_sdpa(queries, keys, values, scale=scale)  # one query sees every key
         positions = fetched.positions() if callable(fetched.positions) else fetched.positions
@@ -390,6 +396,31 @@ class Cache:
             queries, keys, values, scale=scale, q_positions=q_positions, k_positions=positions,
             reference=EXACT if fetched.causal else self.reference, bias=bias,
         )
+
+    def rows_visibility(self, q_positions: mx.array) -> tuple[mx.array, mx.array]:
+        """For left-padded rows, after an update: the positions of the keys it fetched [B, S]
+        and the visibility of queries at `q_positions` [B, Lq] over them ([B, Lq, S], from
+        `caches.attention.visibility`).
+
+        Built once per forward, not once per layer: every layer whose fetch was slots
+        0..offset-1 in order, under a causal reference, holds the same key positions (slot -
+        padding), so the first such layer builds them and the mask, and the others reuse
+        both. The memo is keyed by the forward's own `q_positions` array (made once at the
+        model top; held by the memo, so its identity cannot be reused), the offset and the
+        padding: a new forward, or other rows, build afresh. A cache whose keys are not in
+        order, or whose reference masks otherwise (a window), builds its own."""
+        fetched = self._fetched
+        shared = fetched is not None and fetched.positions is None and self.reference.causal
+        key = (self.offset, self.row_padding)
+        if shared:
+            last = _ROWS_MASK[0]
+            if last is not None and last[0] is q_positions and last[1] == key:
+                return last[2], last[3]
+        k_positions = self.fetched_positions()
+        visible = visibility(self.reference, q_positions, k_positions)
+        if shared:
+            _ROWS_MASK[0] = (q_positions, key, k_positions, visible)
+        return k_positions, visible
 
     def stored_kv(self) -> Optional[tuple[mx.array, mx.array]]:
         """Keys and values [B, Hkv, offset, D] as attention reads them, in position order: what
