@@ -90,6 +90,13 @@ def fast_sdpa(
     head are simply n_rep rows of one product ([B, Hkv, n_rep, D] @ keys^T), which is the same
     arithmetic in Hkv larger products: 1.5-2x faster attention at long context (measured in
     docs/performance.md). GPUs have fused kernels that handle groups themselves: left alone.
+
+    In fp32 the folded attention is written out as MLX's fallback computes it (queries scaled,
+    scores, mask, precise softmax, weights @ values) with one change: the scores come from
+    keys [S, D] @ queries^T [D, n_rep] rather than queries [n_rep, D] @ keys^T, the long side
+    as BLAS's M: OpenBLAS runs a product of n_rep (3-4) rows through its slow small-M path, and
+    the transposed product takes half the time (same dot products; outputs bit-identical in
+    the measurement, docs/performance.md "Batched decoding").
     """
     B, Hq, Lq, _ = queries.shape
     Hkv = keys.shape[1]
@@ -100,8 +107,25 @@ def fast_sdpa(
     if mask is not None and mask.ndim >= 3 and mask.shape[-3] == Hq:  # per-head bias [..., Hq, 1, Lk]
         mask = mask.reshape(*mask.shape[:-3], Hkv, n_rep, mask.shape[-1])  # [..., Hkv, n_rep, Lk]
     # A mask [..., 1, Lk] shared by the heads broadcasts over the n_rep rows unchanged.
-    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    if queries.dtype == mx.float32 and keys.dtype == mx.float32:
+        out = _folded_attention(queries, keys, values, scale, mask)
+    else:
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     return out.reshape(B, Hq, 1, out.shape[-1])  # [B, Hkv, n_rep, Dv] -> [B, Hq, 1, Dv]
+
+
+def _folded_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+                      mask: Optional[mx.array]) -> mx.array:
+    """softmax(q k^T * scale, masked) v for queries [B, Hkv, n_rep, D] (each kv head's query rows)
+    over keys/values [B, Hkv, S, D]: MLX's CPU fallback, scores computed as (k @ q^T)^T."""
+    q = queries * mx.array(scale, queries.dtype)
+    scores = (keys @ q.swapaxes(-1, -2)).swapaxes(-1, -2)  # [B, Hkv, S, n_rep] -> [B, Hkv, n_rep, S]
+    if mask is not None:
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        else:
+            scores = scores + mask.astype(scores.dtype)
+    return mx.softmax(scores, axis=-1, precise=True) @ values  # [B, Hkv, n_rep, Dv]
 
 
 # -- attention written out: for caches that need the weights or assign positions themselves ----
