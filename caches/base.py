@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import weakref
 from typing import Any, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
@@ -75,9 +76,17 @@ class Fetched(NamedTuple):
     causal: bool = False  # True: plain causal visibility over these keys equals the reference's
 
 
-# The last forward's shared row mask (Cache.rows_visibility): (q_positions, (offset, padding),
-# key positions, visibility). One entry: the layers of one forward run one after another.
+# The shared row mask of the forward running now (Cache.rows_visibility): (a weak reference to
+# its q_positions, (offset, padding), key positions, visibility). One entry: the layers of one
+# forward run one after another. Dropped when that forward's q_positions goes (the forward
+# returned), so a prefill chunk's mask [B, L, S] is not held until the next forward.
 _ROWS_MASK: list = [None]
+
+
+def _forget_rows_mask(ref: weakref.ref) -> None:
+    entry = _ROWS_MASK[0]
+    if entry is not None and entry[0] is ref:
+        _ROWS_MASK[0] = None
 
 
 class Cache:
@@ -406,20 +415,20 @@ class Cache:
         0..offset-1 in order, under a causal reference, holds the same key positions (slot -
         padding), so the first such layer builds them and the mask, and the others reuse
         both. The memo is keyed by the forward's own `q_positions` array (made once at the
-        model top; held by the memo, so its identity cannot be reused), the offset and the
-        padding: a new forward, or other rows, build afresh. A cache whose keys are not in
+        model top; the memo holds it weakly and forgets the mask when it goes), the offset
+        and the padding: a new forward, or other rows, build afresh. A cache whose keys are not in
         order, or whose reference masks otherwise (a window), builds its own."""
         fetched = self._fetched
         shared = fetched is not None and fetched.positions is None and self.reference.causal
         key = (self.offset, self.row_padding)
         if shared:
             last = _ROWS_MASK[0]
-            if last is not None and last[0] is q_positions and last[1] == key:
+            if last is not None and last[0]() is q_positions and last[1] == key:
                 return last[2], last[3]
         k_positions = self.fetched_positions()
         visible = visibility(self.reference, q_positions, k_positions)
         if shared:
-            _ROWS_MASK[0] = (q_positions, key, k_positions, visible)
+            _ROWS_MASK[0] = (weakref.ref(q_positions, _forget_rows_mask), key, k_positions, visible)
         return k_positions, visible
 
     def stored_kv(self) -> Optional[tuple[mx.array, mx.array]]:

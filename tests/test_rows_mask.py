@@ -68,3 +68,9 @@ def test_a_window_cache_builds_its_own_mask_in_each_layer(monkeypatch):
     for b, row in enumerate(ROWS):
         alone = model(mx.array([row]), reference=reference)[0]
         assert mx.abs(logits[b, padding[b]:] - alone).max().item() <= 1e-4
+
+
+def test_the_shared_mask_is_not_kept_after_the_forward():
+    model = zoo.build("llama", preset="tiny", seed=0, n_layers=2)
+    _run(model, "preallocated", {})
+    assert caches.base._ROWS_MASK[0] is None  # the forwards returned: their masks are gone
