@@ -78,8 +78,8 @@ class Fetched(NamedTuple):
 
 # The shared row mask of the forward running now (Cache.rows_visibility): (a weak reference to
 # its q_positions, (offset, padding), key positions, visibility). One entry: the layers of one
-# forward run one after another. Dropped when that forward's q_positions goes (the forward
-# returned), so a prefill chunk's mask [B, L, S] is not held until the next forward.
+# forward run one after another. Dropped when that forward's q_positions array is freed, so
+# the mask [B, L, S] lives no longer than the positions it was built for.
 _ROWS_MASK: list = [None]
 
 

@@ -70,7 +70,20 @@ def test_a_window_cache_builds_its_own_mask_in_each_layer(monkeypatch):
         assert mx.abs(logits[b, padding[b]:] - alone).max().item() <= 1e-4
 
 
-def test_the_shared_mask_is_not_kept_after_the_forward():
+def test_the_shared_mask_goes_with_its_forwards_positions():
     model = zoo.build("llama", preset="tiny", seed=0, n_layers=2)
-    _run(model, "preallocated", {})
-    assert caches.base._ROWS_MASK[0] is None  # the forwards returned: their masks are gone
+    width = max(len(r) for r in ROWS)
+    cache = caches.make("preallocated", model)
+    for c in cache:
+        c.prepare_rows([width - len(r) for r in ROWS])
+    c = cache[0]
+    c.update_and_fetch(*(mx.zeros((len(ROWS), model.config.n_kv_heads, width, model.config.head_dim)),) * 2)
+    q_positions = mx.array([[width - 1 - p] for p in c.row_padding], dtype=mx.int32)  # [B, 1]
+    first = c.rows_visibility(q_positions)
+    assert c.rows_visibility(q_positions)[1] is first[1]  # the same forward: the same mask
+    assert c.rows_visibility(mx.array(q_positions))[1] is not first[1]  # another forward: its own
+    assert caches.base._ROWS_MASK[0] is None  # ... whose positions are gone, and its mask with them
+    c.rows_visibility(q_positions)
+    assert caches.base._ROWS_MASK[0] is not None
+    del q_positions
+    assert caches.base._ROWS_MASK[0] is None
