@@ -355,3 +355,58 @@ def test_kivi_bytes_against_fp16(bits):
     assert cache[0].nbytes == want
     fp16 = H * n * D * 2 * 2
     assert cache[0].nbytes < (0.45 if bits == 4 else 0.35) * fp16
+
+
+def kivi_quant_dequant_kcache(k, group_size, bits):
+    """Transcribed from jy-yuan/KIVI, quant/new_pack.py, quant_and_pack_kcache (without the
+    packing) and unpack_and_dequant_kcache: k [B, nh, T, D], per channel over groups of
+    group_size tokens."""
+    B, nh, T, D = k.shape
+    num_groups = T // group_size
+    new_shape = (B, nh, num_groups, group_size, D)
+    max_int = 2 ** bits - 1
+    data = k.view(new_shape)
+    mn = torch.min(data, dim=-2, keepdim=True)[0]
+    mx_ = torch.max(data, dim=-2, keepdim=True)[0]
+    scale = (mx_ - mn) / max_int
+    data = data - mn
+    data.div_(scale)
+    data = data.clamp_(0, max_int).round_().to(torch.int32)
+    return (data * scale + mn).view(k.shape)
+
+
+def kivi_quant_dequant_vcache(v, group_size, bits):
+    """Transcribed from jy-yuan/KIVI, quant/new_pack.py, quant_and_pack_vcache (without the
+    packing) and unpack_and_dequant_vcache: v [B, nh, T, D], per token over groups of
+    group_size features."""
+    shape = v.shape
+    num_groups = shape[-1] // group_size
+    new_shape = (shape[:-1] + (num_groups, group_size))
+    max_int = 2 ** bits - 1
+    data = v.view(new_shape)
+    mn = torch.min(data, dim=-1, keepdim=True)[0]
+    mx_ = torch.max(data, dim=-1, keepdim=True)[0]
+    scale = (mx_ - mn) / max_int
+    data = data - mn
+    data.div_(scale)
+    data = data.clamp_(0, max_int).round_().to(torch.int32)
+    return (data * scale + mn).view(shape)
+
+
+@pytest.mark.parametrize("bits,group_size,D", [(2, 4, 8), (4, 8, 16), (4, 32, 64), (2, 32, 32)])
+def test_kivi_stores_what_kivi_quantizer_gives(bits, group_size, D):
+    """What the cache stores for the tokens it quantized is KIVI's min-max quantization of
+    the same keys (per channel, token groups) and values (per token), and the rest is exact."""
+    rng = np.random.default_rng(bits * D + group_size)
+    n, R = 5 * group_size + 3, group_size + 1
+    k, v = ((rng.standard_normal((1, 2, n, D)) * (1 + np.arange(D))).astype(np.float32) for _ in range(2))
+    cache = caches.get("kivi")(bits=bits, group_size=group_size, residual=R)
+    for a, b in [(0, 7), (7, 8), (8, n)]:
+        cache.update_and_fetch(mx.array(k[:, :, a:b]), mx.array(v[:, :, a:b]))
+    got_k, got_v = (np.array(a) for a in cache.stored_kv())
+    nk, nv = (n - R) // group_size * group_size, n - R
+    want_k = kivi_quant_dequant_kcache(torch.tensor(k[:, :, :nk]), group_size, bits).numpy()
+    want_v = kivi_quant_dequant_vcache(torch.tensor(v[:, :, :nv]), group_size, bits).numpy()
+    np.testing.assert_allclose(got_k[:, :, :nk], want_k, atol=1e-5 * np.abs(k).max(), rtol=0)
+    np.testing.assert_allclose(got_v[:, :, :nv], want_v, atol=1e-5 * np.abs(v).max(), rtol=0)
+    assert np.array_equal(got_k[:, :, nk:], k[:, :, nk:]) and np.array_equal(got_v[:, :, nv:], v[:, :, nv:])
