@@ -3,7 +3,7 @@ speed, against the dense cache, on stories260K (float32, heads of 8) and on the 
 preset in float16 (heads of 64, random weights: bytes and speed do not depend on the weights).
 
     PYTHONPATH=. python docs/measure_literature.py [--data ../shared/data] [--context 1024]
-        [--decode 32] [--out docs/literature.json]
+        [--decode 32] [--out docs/literature.json] [--only stories260K]
 
 Each cache gets a random `context`-token prompt in chunks of 256, then `decode` single-token
 steps. Reported per cache: bytes of every array it holds after the run (keys, values, and an
@@ -34,7 +34,9 @@ def setups(head_dim: int) -> list[tuple[str, dict]]:
         ("preallocated", {}),
         ("streaming", {"sinks": 4, "window": 252}),
         ("h2o", {"budget": 256, "recent": 32}),
+        ("h2o", {"budget": 256, "recent": 32, "per_head": False}),
         ("snapkv", {"budget": 256, "window": 32}),
+        ("snapkv", {"budget": 256, "window": 32, "per_head": False}),
         ("kivi", {"bits": 4, "group_size": 32, "residual": 128}),
         ("kivi", {"bits": 2, "group_size": 32, "residual": 128}),
         ("quantized", {"bits": 4, "group_size": group}),
@@ -81,11 +83,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default=None, help="measure only the models whose label starts with this")
     args = parser.parse_args()
     models = {
-        "stories260K (fp32, head 8)": zoo.load_model(Path(args.data) / "stories260K" / "stories260K.gguf"),
-        "llama small (fp16, head 64)": zoo.build("llama", preset="small", dtype=mx.float16, seed=0),
+        "stories260K (fp32, head 8)": lambda: zoo.load_model(Path(args.data) / "stories260K" / "stories260K.gguf"),
+        "llama small (fp16, head 64)": lambda: zoo.build("llama", preset="small", dtype=mx.float16, seed=0),
     }
+    models = {label: load() for label, load in models.items() if args.only is None or label.startswith(args.only)}
     report = {}
     for label, model in models.items():
         rows = [measure(model, name, options, args.context, args.decode)
