@@ -202,6 +202,48 @@ def test_h2o_keeps_per_head_and_attends_what_h2o_reference_code_does(budget, rec
     assert cache.keys.shape == (1, Hkv, budget, D)  # each head holds its own budget of keys
 
 
+class KeysOfHeadZero(H2OCache):
+    """Planted bug: records each kv head's own choice, but keeps head 0's keys in every head."""
+
+    def _evict(self, keep):
+        super()._evict(keep)
+        first = mx.broadcast_to(keep[:, :1], keep.shape)
+        self.keys = mx.take_along_axis(self._before[0], first[..., None], axis=2)
+        self.values = mx.take_along_axis(self._before[1], first[..., None], axis=2)
+
+    def attend(self, queries, keys, values, **kwargs):
+        held = (keys, values) if self.keys is None else (mx.concatenate([self.keys, keys], 2),
+                                                          mx.concatenate([self.values, values], 2))
+        self._before = held
+        return super().attend(queries, keys, values, **kwargs)
+
+
+def test_the_oracle_catches_keys_kept_from_the_wrong_head():
+    """The per-head record is what the masked oracle reads: a cache that keeps other keys in a
+    head than its record says fails the conformance check; the honest cache passes."""
+    from caches import conformance
+
+    model = zoo.build("llama", preset="tiny", n_kv_heads=2, seed=0, positional="alibi")
+    prompt = [(5 * i + 2) % model.config.vocab_size for i in range(24)]
+
+    def make(cls):
+        def fresh():
+            layers = [cls(budget=8, recent=2) for _ in model.layers]
+            for layer in layers:
+                layer.join(layers)
+            return layers
+        return fresh
+
+    layers = make(H2OCache)()
+    for a, b in [(0, 9), (9, 10), (10, 24)]:
+        model(mx.array([prompt[a:b]]), layers)
+    held = layers[0].key_positions()
+    assert not mx.array_equal(held[0, 0], held[0, 1])  # the two kv heads kept different keys
+    honest = conformance.check(model, make(H2OCache), prompt, chunks=[9, 1, 14], decode=4)
+    planted = conformance.check(model, make(KeysOfHeadZero), prompt, chunks=[9, 1, 14], decode=4)
+    assert honest.ok and not planted.ok and planted.max_abs_diff > 1e-3, (honest, planted)
+
+
 def test_h2o_per_layer_option_keeps_one_set_for_every_head():
     """per_head=False: the mass summed over every head (H2O's rule on the layer's total), so
     every kv head keeps the same positions, those the per-head rule picks with one head whose
