@@ -14,6 +14,12 @@ numbers move with its load, reported beside them.
 
 from __future__ import annotations
 
+# isort: off
+# zoo first: it loads OpenBLAS for MLX's matmuls, which works only before mlx.core is imported
+# (kvzoo/blas.py). Imported after mlx, MLX keeps its reference BLAS and the step is ~3x slower.
+import zoo
+# isort: on
+
 import argparse
 import os
 import statistics
@@ -22,7 +28,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-import zoo
+from kvzoo import blas
 from zoo.training.optimizer import AdamW
 from zoo.training.step import make_step
 
@@ -43,8 +49,9 @@ def main() -> None:
     import torch
     import transformers
 
-    shape = dict(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                 max_positions=args.block, activation="gelu", dropout=args.dropout)
+    shape = {"vocab_size": args.vocab, "d_model": args.d_model, "n_layers": args.layers,
+             "n_heads": args.heads, "max_positions": args.block, "activation": "gelu",
+             "dropout": args.dropout}
     model = zoo.build("gpt2", seed=0, **shape)
     model.train()
     step = make_step(model, AdamW(3e-3, weight_decay=0.1), clip=1.0)
@@ -88,6 +95,7 @@ def main() -> None:
     print(f"GPT-2 {args.layers}x{args.d_model}, {args.heads} heads, block {args.block}, batch {args.batch}, "
           f"vocab {args.vocab}, dropout {args.dropout}; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), mlx {mx.__version__}; load average {os.getloadavg()[0]:.1f}")
+    print(f"MLX matmuls: {blas.choice().describe()}")
     for r in range(args.rounds):
         (t_mlx, c_mlx), (t_torch, c_torch) = mlx_steps(args.steps), torch_steps(args.steps)
         ratios.append(t_torch / t_mlx)
