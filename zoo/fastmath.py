@@ -13,7 +13,7 @@ Only the training forward uses these (`Context.training`, set by `model.train()`
 cache); inference keeps MLX's kernels, which uncompiled decoding prefers (one kernel per op).
 
 Accuracy (tests/test_fastmath.py, against float64 over dense ranges): `exp` is Cephes' expf,
-within 1 ulp (0 below -87.7, where the true value is subnormal); softmax and GELU, values and
+within 1.5 ulp (0 below -87.7, where the true value is subnormal); softmax and GELU, values and
 gradients, agree with PyTorch's float64 ones to float32 rounding.
 """
 
