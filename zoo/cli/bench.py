@@ -515,6 +515,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", action="store_true",
                         help="instead: batched decoding of ragged prompts (batch 1, 4, 8, 16) against "
                              "mlx-lm's BatchGenerator, every cache that serves ragged rows")
+    parser.add_argument("--vs-llamacpp", nargs="?", const="llama-bench", default=None, metavar="LLAMA_BENCH",
+                        help="instead: kvzoo and mlx-lm against llama.cpp's llama-bench (on PATH, or this "
+                             "path) on the same GGUF: --gguf files, or the llama config written with gguf-py")
+    parser.add_argument("--gguf", default=None, metavar="FILES",
+                        help="with --vs-llamacpp: comma-separated GGUF files to run (default: write the "
+                             "llama config's random weights in each --file-types type)")
+    parser.add_argument("--file-types", default="F32", metavar="TYPES",
+                        help="with --vs-llamacpp and no --gguf: comma-separated F32, F16, Q8_0")
+    parser.add_argument("--prompt", type=int, default=None, help="with --vs-llamacpp: prompt tokens")
+    parser.add_argument("--tokens", type=int, default=None, help="with --vs-llamacpp: decoded tokens")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="with --vs-llamacpp: llama.cpp threads (default: every core)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: seconds
 
 
@@ -532,6 +544,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--draft needs --speculative MODEL_PATH (the model it drafts for)")
     if args.speculative:
         return _run_speculative(args)
+    llamacpp_only = [f"--{n.replace('_', '-')}" for n in ("gguf", "prompt", "tokens", "threads")
+                     if getattr(args, n, None) is not None]
+    if args.vs_llamacpp is None and (llamacpp_only or args.file_types != "F32"):
+        raise ValueError(f"{', '.join(llamacpp_only) or '--file-types'} only apply with --vs-llamacpp")
+    if args.vs_llamacpp is not None:
+        return _run_llamacpp(args)
     if args.out is not None:
         _check_writable(args.out)  # now, not after the benchmark
     if args.batch:
@@ -616,6 +634,37 @@ def _run_batch(args: argparse.Namespace) -> int:
         report = {"machine": collect(measure=False), "batch": section}
         (args.out / "bench_batch.json").write_text(json.dumps(report, indent=2, default=str))
         print(f"\nwrote {args.out / 'bench_batch.json'}")
+    return 0
+
+
+def _run_llamacpp(args: argparse.Namespace) -> int:
+    from . import bench_llamacpp
+    from .info import collect
+
+    if args.out is not None:
+        _check_writable(args.out)
+    file_types = _csv(args.file_types)
+    from ..checkpoints.gguf_write import FILE_TYPES
+
+    unknown = [t for t in file_types if t not in FILE_TYPES]
+    if unknown:
+        raise ValueError(f"--file-types: unknown {unknown}; choose from {', '.join(FILE_TYPES)}")
+    progress = Progress(1, enabled=not args.no_progress)
+    loadavg = list(os.getloadavg())
+    try:
+        section = bench_llamacpp.run(args.vs_llamacpp, _csv(args.gguf), file_types=file_types,
+                                     quick=args.quick or getattr(args, "smoke", False), prompt=args.prompt,
+                                     tokens=args.tokens, rounds=args.repeats, threads=args.threads,
+                                     progress=lambda label: progress.step(label, 0))
+    finally:
+        progress.close()
+    section["loadavg_start"], section["loadavg_end"] = loadavg, list(os.getloadavg())
+    print(bench_llamacpp.format_rows(section))
+    print(f"load average {loadavg[0]:.1f} at the start, {section['loadavg_end'][0]:.1f} at the end")
+    if args.out is not None:
+        report = {"machine": collect(measure=False), "llamacpp": section}
+        (args.out / "bench_llamacpp.json").write_text(json.dumps(report, indent=2, default=str))
+        print(f"\nwrote {args.out / 'bench_llamacpp.json'}")
     return 0
 
 
