@@ -2,6 +2,7 @@
 config, same batch shape, same optimizer (AdamW, clipping), measured in one run, interleaved.
 
     python docs/measure_training.py [--steps 10] [--rounds 3] [--batch 32] [--block 128]
+    OPENBLAS_NUM_THREADS=1 python docs/measure_training.py --torch-threads 1   # both on one core
 
 The default shape is the char-level recipe of docs/training.md (4 layers, 4 heads, d_model 64,
 block 128, batch 32, exact GELU, tied, dropout 0.1 on embeddings and residuals; attention-
@@ -44,10 +45,16 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own); MLX's BLAS threads "
+                             "follow OPENBLAS_NUM_THREADS")
     args = parser.parse_args()
 
     import torch
     import transformers
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     shape = {"vocab_size": args.vocab, "d_model": args.d_model, "n_layers": args.layers,
              "n_heads": args.heads, "max_positions": args.block, "activation": "gelu",
