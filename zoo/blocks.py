@@ -44,7 +44,7 @@ def activation(name: str) -> Callable[[mx.array], mx.array]:
 
 # What the training forward (model.train(), compiled step) uses instead: the same function
 # written so that MLX's CPU compiler vectorises it (zoo/fastmath.py); equal up to float rounding.
-TRAINING_ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {"gelu": fastmath.gelu}
+TRAINING_ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {"gelu": fastmath.gelu, "silu": fastmath.silu}
 
 
 def training_activation(name: str) -> Callable[[mx.array], mx.array]:

@@ -1,4 +1,4 @@
-"""exp, softmax and exact GELU for the compiled training step on CPU, built so that MLX's
+"""exp, softmax, exact GELU and SiLU for the compiled training step on CPU, built so that MLX's
 compiler can vectorise them.
 
 MLX's Linux CPU kernels evaluate `mx.exp` and `mx.erf` (so `mx.softmax`, MLX's fused
@@ -8,7 +8,8 @@ kernels take 1-3. Inside `mx.compile`, additions, multiplies, comparisons, selec
 casts fuse into generated C++ loops the compiler vectorises, so `exp` written with them runs
 about 3x faster than `mx.exp`; `softmax` uses it. MLX fuses at most about ten ops deep per
 loop, so longer formulas (an erf polynomial) split into many loops and gain nothing: `gelu`
-keeps `mx.erf` for the value and saves the derivative's second scalar pass instead.
+keeps `mx.erf` for the value and saves the derivative's second scalar pass instead; `silu`
+takes its sigmoid from `exp`.
 Only the training forward uses these (`Context.training`, set by `model.train()` without a
 cache); inference keeps MLX's kernels, which uncompiled decoding prefers (one kernel per op).
 
@@ -68,6 +69,14 @@ def gelu(x: mx.array) -> mx.array:
     cdf = 0.5 * (1.0 + mx.erf(xs * math.sqrt(0.5)))
     pdf = exp(-0.5 * xs * xs) * (1.0 / math.sqrt(2.0 * math.pi))
     return x * cdf + xs * (x - xs) * pdf
+
+
+def silu(x: mx.array) -> mx.array:
+    """SiLU x sigmoid(x), sigmoid by `exp`, with its derivative s + x s (1 - s) built in the
+    forward the same way as `gelu`'s (MLX's sigmoid and its autodiff run the scalar exp)."""
+    xs = mx.stop_gradient(x)
+    s = 1.0 / (1.0 + exp(-xs))
+    return x * s + xs * (x - xs) * (s * (1.0 - s))
 
 
 @mx.custom_function
