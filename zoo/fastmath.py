@@ -5,8 +5,8 @@ MLX's Linux CPU kernels evaluate `mx.exp` and `mx.erf` (so `mx.softmax`, MLX's f
 attention and `nn.gelu`) one element at a time through libm calls (`std::fma`, `std::floor`):
 about 12 ns per element for exp and 33 for erf on this machine, where PyTorch's vectorised
 kernels take 1-3. Inside `mx.compile`, additions, multiplies, comparisons, selects and bit
-casts fuse into generated C++ loops the compiler vectorises, so `exp` written with them runs
-about 3x faster than `mx.exp`; `softmax` uses it. MLX fuses at most about ten ops deep per
+casts fuse into a few generated C++ loops free of libm calls, so `exp` written with them runs
+about 3x faster than `mx.exp` (docs/training.md); `softmax` uses it. MLX fuses at most about ten ops deep per
 loop, so longer formulas (an erf polynomial) split into many loops and gain nothing: `gelu`
 keeps `mx.erf` for the value and saves the derivative's second scalar pass instead; `silu`
 takes its sigmoid from `exp`.
