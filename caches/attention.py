@@ -43,11 +43,10 @@ def scaled_dot_product_attention(
                 )
             return fast_sdpa(queries, keys, values, scale=scale)  # one query sees every key
         k_positions = mx.arange(keys.shape[-2], dtype=mx.int32)
-    mask = visibility(reference, q_positions, k_positions)  # bool [Lq, Lk] or [B, Lq, Lk]
-    if mask.ndim == 3:
-        mask = mask[:, None]  # [B, 1, Lq, Lk]: one mask for every head
+    mask = visibility(reference, q_positions, k_positions)  # bool [Lq, Lk], [B, Lq, Lk] or [B|1, Hkv, Lq, Lk]
+    mask = heads_mask(mask, queries.shape[1])  # [B|1, 1 | Hq, Lq, Lk] (or [Lq, Lk])
     if bias is not None:
-        additive = bias(q_positions, k_positions)
+        additive = head_bias(bias, q_positions, k_positions, queries.shape[1])
         if additive is not None:
             floor = mx.array(-float("inf"), dtype=queries.dtype)
             mask = mx.where(mask, additive.astype(queries.dtype), floor)
@@ -65,10 +64,44 @@ def visibility(reference: Reference, q_positions: mx.array, k_positions: mx.arra
     of each row alone.
     """
     mask = reference.mask(q_positions, k_positions)
-    if q_positions.ndim < 2 and k_positions.ndim < 2:
-        return mask  # one sequence for every row: no padding
+    if q_positions.ndim < 2 and k_positions.ndim != 2:
+        return mask  # one sequence for every row (keys per head or not): no padding
     q, k = q_positions[..., :, None], k_positions[..., None, :]  # [B, Lq, 1], [B, 1, Lk]
     return (mask & (k >= 0)) | ((q < 0) & (k == q))
+
+
+def heads_mask(mask: mx.array, n_heads: int) -> mx.array:
+    """A boolean mask as attention over `n_heads` query heads reads it: [Lq, Lk] as is, rows'
+    [B, Lq, Lk] -> [B, 1, Lq, Lk] (one mask for every head), and a mask per key/value head
+    [B|1, Hkv, Lq, Lk] (keys that differ per head: per-head eviction) -> [B|1, n_heads, Lq, Lk],
+    query head h reading kv head h // (n_heads / Hkv)."""
+    if mask.ndim == 3:
+        return mask[:, None]
+    if mask.ndim == 4 and mask.shape[1] not in (1, n_heads):
+        return mx.repeat(mask, n_heads // mask.shape[1], axis=1)
+    return mask
+
+
+def head_bias(bias: Bias, q_positions: mx.array, k_positions: mx.array, n_heads: int) -> Optional[mx.array]:
+    """The positional bias for keys at `k_positions`: `bias(q_positions, k_positions)`, except
+    for positions per row and key/value head ([B, Hkv, S], per-head eviction), where each kv
+    head's keys are biased on their own (as rows: [B, S]) and its query heads keep their rows
+    of the result: [B, n_heads, Lq, S]. A bias hook knows query heads, not kv heads, so it is
+    asked once per kv head."""
+    if k_positions.ndim != 3:
+        return bias(q_positions, k_positions)
+    Hkv = k_positions.shape[1]
+    n_rep = n_heads // Hkv
+    parts = []
+    for h in range(Hkv):
+        part = bias(q_positions, k_positions[:, h])  # [B, Hq | 1, Lq, S], [B, Lq, S], [Lq, S] or None
+        if part is None:
+            return None
+        part = part[None, None] if part.ndim == 2 else part[:, None] if part.ndim == 3 else part
+        if part.shape[1] == n_heads:
+            part = part[:, h * n_rep : (h + 1) * n_rep]
+        parts.append(mx.broadcast_to(part, (part.shape[0], n_rep, *part.shape[2:])))
+    return mx.concatenate(parts, axis=1)  # [B, n_heads, Lq, S]
 
 
 def fast_sdpa(
@@ -123,16 +156,13 @@ def grouped_values(weights: mx.array, values: mx.array) -> mx.array:
     return out.reshape(B, Hq, Lq, values.shape[-1])
 
 
-def _head_mask(mask: mx.array) -> mx.array:
-    return mask[:, None] if mask.ndim == 3 else mask  # [B, Lq, Lk] -> [B, 1, Lq, Lk]
-
-
 def masked_softmax(scores: mx.array, mask: mx.array, additive: Optional[mx.array] = None) -> mx.array:
     """softmax over the last axis of scores [B, Hq, Lq, Lk] + additive bias, where `mask` (bool,
-    broadcastable; [B, Lq, Lk] means one mask per row) is True; zero weight elsewhere."""
+    broadcastable; [B, Lq, Lk] means one mask per row, [B|1, Hkv, Lq, Lk] one per key/value
+    head: `heads_mask`) is True; zero weight elsewhere."""
     if additive is not None:  # [Hq, Lq, Lk], [Lq, Lk] or [B, 1 | Hq, Lq, Lk]: broadcasts as is
         scores = scores + additive.astype(scores.dtype)
-    scores = mx.where(_head_mask(mask), scores, mx.array(-float("inf"), scores.dtype))
+    scores = mx.where(heads_mask(mask, scores.shape[1]), scores, mx.array(-float("inf"), scores.dtype))
     return mx.softmax(scores, axis=-1, precise=True)
 
 

@@ -195,8 +195,8 @@ class Cache:
     def across_heads(self, x: mx.array) -> mx.array:
         """`x`, summed over the heads this process holds, summed over every head of the layer.
 
-        A cache whose choices combine heads (an eviction score summed over heads, as H2O and
-        SnapKV keep one set of keys per layer) sums through this, so that split over
+        A cache whose choices combine heads (an eviction score summed over every head, as H2O
+        and SnapKV with per_head=False keep one set of keys per layer) sums through this, so that split over
         processes by heads every process chooses what one process would. Identity when the
         model is whole."""
         group = self.heads_group
@@ -205,6 +205,23 @@ class Cache:
         if isinstance(group, mx.distributed.Group):
             return mx.distributed.all_sum(x, group=group)
         return group.all_sum(x)  # a stand-in group (zoo.distributed.GroupLike)
+
+    # Split by heads with the key/value heads copied (zoo.shard with more processes than kv
+    # heads): (start, stop, total) of the model's kv heads this process holds a copy of, each
+    # read by only some of its query heads here; None when whole or when kv heads are split.
+    kv_copies: Optional[tuple[int, int, int]] = None
+
+    def across_kv_copies(self, x: mx.array) -> mx.array:
+        """`x` [B, Hkv, ...], one entry per kv head this process holds, summed over the processes
+        that hold the same kv heads: a score per kv head summed over all of its query heads
+        (per-head eviction), whether those live in this process or not. Identity when whole or
+        when kv heads are split (a kv head's query heads are then all here)."""
+        if self.heads_group is None or self.kv_copies is None:
+            return x
+        start, stop, total = self.kv_copies
+        every = mx.zeros((x.shape[0], total, *x.shape[2:]), dtype=x.dtype)
+        every[:, start:stop] = x  # the model's kv heads, zero where another process holds them
+        return self.across_heads(every)[:, start:stop]
 
     def _trim_refusal(self) -> Optional[str]:
         """Why `trim` cannot remove tokens right now, or None when it can."""
