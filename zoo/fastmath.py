@@ -1,13 +1,13 @@
-"""exp, softmax, exact GELU and SiLU for the compiled training step on CPU, built so that MLX's
-compiler can vectorise them.
+"""exp, softmax, exact GELU and SiLU for the compiled training step on CPU, written with the
+plain arithmetic that MLX's compiler fuses.
 
 MLX's Linux CPU kernels evaluate `mx.exp` and `mx.erf` (so `mx.softmax`, MLX's fused
 attention and `nn.gelu`) one element at a time through libm calls (`std::fma`, `std::floor`):
 about 12 ns per element for exp and 33 for erf on this machine, where PyTorch's vectorised
 kernels take 1-3. Inside `mx.compile`, additions, multiplies, comparisons, selects and bit
 casts fuse into a few generated C++ loops free of libm calls, so `exp` written with them runs
-about 3x faster than `mx.exp` (docs/training.md); `softmax` uses it. MLX fuses at most about ten ops deep per
-loop, so longer formulas (an erf polynomial) split into many loops and gain nothing: `gelu`
+about 3x faster than `mx.exp` (docs/training.md); `softmax` uses it. MLX fuses at most
+about ten ops deep per loop, so longer formulas (an erf polynomial) split into many loops and gain nothing: `gelu`
 keeps `mx.erf` for the value and saves the derivative's second scalar pass instead; `silu`
 takes its sigmoid from `exp`.
 Only the training forward uses these (`Context.training`, set by `model.train()` without a
@@ -15,7 +15,7 @@ cache); inference keeps MLX's kernels, which uncompiled decoding prefers (one ke
 
 Accuracy (tests/test_fastmath.py, against float64 over dense ranges): `exp` is Cephes' expf,
 within 1.5 ulp (0 below -87.7, where the true value is subnormal); softmax and GELU, values and
-gradients, agree with PyTorch's float64 ones to float32 rounding.
+gradients (and SiLU's), agree with PyTorch's float64 ones to float32 rounding.
 """
 
 from __future__ import annotations
