@@ -21,11 +21,11 @@ import statistics
 import time
 from pathlib import Path
 
+import zoo  # first: it loads OpenBLAS for MLX, which works only before mlx.core (kvzoo/blas.py)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import caches
-import zoo
 
 
 def setups(head_dim: int) -> list[tuple[str, dict]]:
