@@ -12,6 +12,12 @@ The conventions (mx.quantize's affine mode): per group, with edge = the min or t
 scale = edge / q0 and bias = edge (so zero and the far edge are levels), and each value is
 round((x - bias) / scale) clipped to 0..2^bits-1. Levels are packed little-end first into
 uint8 bytes (`bits` bits per value, a row's D * bits bits in D * bits / 8 bytes).
+
+`grid="minmax"` is KIVI's quantizer instead (jy-yuan/KIVI, quant/new_pack.py,
+quant_and_pack_kcache / quant_and_pack_vcache / triton_quantize_and_pack_along_last_dim):
+scale = (max - min) / (2^bits - 1), bias = min, level = round(clamp((x - min) / scale)), so
+both ends of a group are levels and zero need not be; here in float32, the scale kept >= 1e-7
+(KIVI divides by zero on a constant group).
 """
 
 from __future__ import annotations
@@ -33,12 +39,20 @@ def check(bits: int, group_size: int, width: int | None = None) -> None:
                          f"{group_size} packed at {bits} bits into whole bytes")
 
 
-def _grid(x: mx.array, bits: int, group_size: int, other_side: bool = False):
+GRIDS = ("mlx", "minmax")
+
+
+def _grid(x: mx.array, bits: int, group_size: int, other_side: bool = False, grid: str = "mlx"):
     """(levels [..., G, g] float32, scale [..., G, 1], bias [..., G, 1], on_boundary [..., G, 1])."""
+    if grid not in GRIDS:
+        raise ValueError(f"affine quantization: grid must be one of {GRIDS}, got {grid!r}")
     g = x.astype(mx.float32).reshape(*x.shape[:-1], -1, group_size)  # [..., G, group_size]
     n_levels = 2**bits - 1
     low, high = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
     scale = mx.maximum((high - low) / n_levels, 1e-7)
+    if grid == "minmax":  # KIVI: both ends are levels, no zero-point to round
+        levels = mx.clip(mx.round((g - low) / scale), 0, n_levels)
+        return levels, scale, low, mx.zeros(low.shape, dtype=mx.bool_)
     side = mx.abs(low) > mx.abs(high)
     scale = mx.where(side, scale, -scale)
     edge = mx.where(side, low, high)
@@ -64,11 +78,11 @@ def affine_grid(x: mx.array, bits: int, group_size: int, *,
     return rounded, mx.broadcast_to(on_boundary, levels.shape).reshape(x.shape)
 
 
-def quantize(x: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array, mx.array]:
+def quantize(x: mx.array, bits: int, group_size: int, grid: str = "mlx") -> tuple[mx.array, mx.array, mx.array]:
     """x [..., D] -> (packed uint8 [..., D * bits / 8], scales [..., D / g], biases [..., D / g]);
     scales and biases in x's dtype, as mx.quantize returns them."""
     check(bits, group_size, x.shape[-1])
-    levels, scale, bias, _ = _grid(x, bits, group_size)
+    levels, scale, bias, _ = _grid(x, bits, group_size, grid=grid)
     packed = pack(levels.reshape(x.shape).astype(mx.uint8), bits)
     return packed, scale[..., 0].astype(x.dtype), bias[..., 0].astype(x.dtype)
 
@@ -83,14 +97,14 @@ def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int,
     return out.reshape(shape).astype(scales.dtype)
 
 
-def round_trip(x: mx.array, bits: int, group_size: int) -> mx.array:
+def round_trip(x: mx.array, bits: int, group_size: int, grid: str = "mlx") -> mx.array:
     """x [..., D] quantized and dequantized per group of its last axis (in x's dtype)."""
-    return dequantize(*quantize(x, bits, group_size), bits, group_size).astype(x.dtype)
+    return dequantize(*quantize(x, bits, group_size, grid), bits, group_size).astype(x.dtype)
 
 
-def step(x: mx.array, bits: int, group_size: int) -> mx.array:
+def step(x: mx.array, bits: int, group_size: int, grid: str = "mlx") -> mx.array:
     """The distance between neighbouring levels at each value of x [..., D]: its group's scale."""
-    _, scale, _, _ = _grid(x, bits, group_size)
+    _, scale, _, _ = _grid(x, bits, group_size, grid=grid)
     return mx.abs(mx.broadcast_to(scale, (*scale.shape[:-1], group_size))).reshape(x.shape)
 
 

@@ -26,13 +26,15 @@ def scaled_dot_product_attention(
     k_positions: Optional[mx.array],
     reference: Reference,
     bias: Optional[Bias] = None,
+    visible: Optional[mx.array] = None,
 ) -> mx.array:
     """Attend `queries` [B, Hq, Lq, D] to `keys`/`values` [B, Hkv, Lk, D].
 
     `k_positions=None` promises the keys hold positions 0..Lk-1 in order and the queries are the
     last Lq of them; with a causal reference and no bias that is MLX's lower-right aligned
     "causal" mask (or no mask for one query), so nothing is materialised. Otherwise the boolean
-    visibility comes from `reference.mask(q_positions, k_positions)` and the bias is added where
+    visibility comes from `reference.mask(q_positions, k_positions)` (through `visibility`; or
+    `visible`, when the caller already has it for these positions) and the bias is added where
     visible.
     """
     if k_positions is None:
@@ -43,11 +45,13 @@ def scaled_dot_product_attention(
                 )
             return fast_sdpa(queries, keys, values, scale=scale)  # one query sees every key
         k_positions = mx.arange(keys.shape[-2], dtype=mx.int32)
-    mask = visibility(reference, q_positions, k_positions)  # bool [Lq, Lk] or [B, Lq, Lk]
-    if mask.ndim == 3:
-        mask = mask[:, None]  # [B, 1, Lq, Lk]: one mask for every head
+    if visible is not None:  # the caller built it for these positions (Cache.rows_visibility)
+        mask = visible
+    else:
+        mask = visibility(reference, q_positions, k_positions)  # bool [Lq, Lk], [B, Lq, Lk] or [B|1, Hkv, Lq, Lk]
+    mask = heads_mask(mask, queries.shape[1])  # [B|1, 1 | Hq, Lq, Lk] (or [Lq, Lk])
     if bias is not None:
-        additive = bias(q_positions, k_positions)
+        additive = head_bias(bias, q_positions, k_positions, queries.shape[1])
         if additive is not None:
             floor = mx.array(-float("inf"), dtype=queries.dtype)
             mask = mx.where(mask, additive.astype(queries.dtype), floor)
@@ -65,10 +69,44 @@ def visibility(reference: Reference, q_positions: mx.array, k_positions: mx.arra
     of each row alone.
     """
     mask = reference.mask(q_positions, k_positions)
-    if q_positions.ndim < 2 and k_positions.ndim < 2:
-        return mask  # one sequence for every row: no padding
+    if q_positions.ndim < 2 and k_positions.ndim != 2:
+        return mask  # one sequence for every row (keys per head or not): no padding
     q, k = q_positions[..., :, None], k_positions[..., None, :]  # [B, Lq, 1], [B, 1, Lk]
     return (mask & (k >= 0)) | ((q < 0) & (k == q))
+
+
+def heads_mask(mask: mx.array, n_heads: int) -> mx.array:
+    """A boolean mask as attention over `n_heads` query heads reads it: [Lq, Lk] as is, rows'
+    [B, Lq, Lk] -> [B, 1, Lq, Lk] (one mask for every head), and a mask per key/value head
+    [B|1, Hkv, Lq, Lk] (keys that differ per head: per-head eviction) -> [B|1, n_heads, Lq, Lk],
+    query head h reading kv head h // (n_heads / Hkv)."""
+    if mask.ndim == 3:
+        return mask[:, None]
+    if mask.ndim == 4 and mask.shape[1] not in (1, n_heads):
+        return mx.repeat(mask, n_heads // mask.shape[1], axis=1)
+    return mask
+
+
+def head_bias(bias: Bias, q_positions: mx.array, k_positions: mx.array, n_heads: int) -> Optional[mx.array]:
+    """The positional bias for keys at `k_positions`: `bias(q_positions, k_positions)`, except
+    for positions per row and key/value head ([B, Hkv, S], per-head eviction), where each kv
+    head's keys are biased on their own (as rows: [B, S]) and its query heads keep their rows
+    of the result: [B, n_heads, Lq, S]. A bias hook knows query heads, not kv heads, so it is
+    asked once per kv head."""
+    if k_positions.ndim != 3:
+        return bias(q_positions, k_positions)
+    Hkv = k_positions.shape[1]
+    n_rep = n_heads // Hkv
+    parts = []
+    for h in range(Hkv):
+        part = bias(q_positions, k_positions[:, h])  # [B, Hq | 1, Lq, S], [B, Lq, S], [Lq, S] or None
+        if part is None:
+            return None
+        part = part[None, None] if part.ndim == 2 else part[:, None] if part.ndim == 3 else part
+        if part.shape[1] == n_heads:
+            part = part[:, h * n_rep : (h + 1) * n_rep]
+        parts.append(mx.broadcast_to(part, (part.shape[0], n_rep, *part.shape[2:])))
+    return mx.concatenate(parts, axis=1)  # [B, n_heads, Lq, S]
 
 
 def fast_sdpa(
@@ -88,6 +126,13 @@ def fast_sdpa(
     head are simply n_rep rows of one product ([B, Hkv, n_rep, D] @ keys^T), which is the same
     arithmetic in Hkv larger products: 1.5-2x faster attention at long context (measured in
     docs/performance.md). GPUs have fused kernels that handle groups themselves: left alone.
+
+    In fp32 the folded attention is written out as MLX's fallback computes it (queries scaled,
+    scores, mask, precise softmax, weights @ values) with one change: the scores come from
+    keys [S, D] @ queries^T [D, n_rep] rather than queries [n_rep, D] @ keys^T, the long side
+    as BLAS's M: OpenBLAS runs a product of n_rep (3-4) rows through its slow small-M path, and
+    the transposed product takes half the time (same dot products; outputs bit-identical in
+    the measurement, docs/performance.md "Batched decoding").
     """
     B, Hq, Lq, _ = queries.shape
     Hkv = keys.shape[1]
@@ -98,8 +143,25 @@ def fast_sdpa(
     if mask is not None and mask.ndim >= 3 and mask.shape[-3] == Hq:  # per-head bias [..., Hq, 1, Lk]
         mask = mask.reshape(*mask.shape[:-3], Hkv, n_rep, mask.shape[-1])  # [..., Hkv, n_rep, Lk]
     # A mask [..., 1, Lk] shared by the heads broadcasts over the n_rep rows unchanged.
-    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    if queries.dtype == mx.float32 and keys.dtype == mx.float32:
+        out = _folded_attention(queries, keys, values, scale, mask)
+    else:
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     return out.reshape(B, Hq, 1, out.shape[-1])  # [B, Hkv, n_rep, Dv] -> [B, Hq, 1, Dv]
+
+
+def _folded_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+                      mask: Optional[mx.array]) -> mx.array:
+    """softmax(q k^T * scale, masked) v for queries [B, Hkv, n_rep, D] (each kv head's query rows)
+    over keys/values [B, Hkv, S, D]: MLX's CPU fallback, scores computed as (k @ q^T)^T."""
+    q = queries * mx.array(scale, queries.dtype)
+    scores = (keys @ q.swapaxes(-1, -2)).swapaxes(-1, -2)  # [B, Hkv, S, n_rep] -> [B, Hkv, n_rep, S]
+    if mask is not None:
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        else:
+            scores = scores + mask.astype(scores.dtype)
+    return mx.softmax(scores, axis=-1, precise=True) @ values  # [B, Hkv, n_rep, Dv]
 
 
 # -- attention written out: for caches that need the weights or assign positions themselves ----
@@ -123,16 +185,13 @@ def grouped_values(weights: mx.array, values: mx.array) -> mx.array:
     return out.reshape(B, Hq, Lq, values.shape[-1])
 
 
-def _head_mask(mask: mx.array) -> mx.array:
-    return mask[:, None] if mask.ndim == 3 else mask  # [B, Lq, Lk] -> [B, 1, Lq, Lk]
-
-
 def masked_softmax(scores: mx.array, mask: mx.array, additive: Optional[mx.array] = None) -> mx.array:
     """softmax over the last axis of scores [B, Hq, Lq, Lk] + additive bias, where `mask` (bool,
-    broadcastable; [B, Lq, Lk] means one mask per row) is True; zero weight elsewhere."""
+    broadcastable; [B, Lq, Lk] means one mask per row, [B|1, Hkv, Lq, Lk] one per key/value
+    head: `heads_mask`) is True; zero weight elsewhere."""
     if additive is not None:  # [Hq, Lq, Lk], [Lq, Lk] or [B, 1 | Hq, Lq, Lk]: broadcasts as is
         scores = scores + additive.astype(scores.dtype)
-    scores = mx.where(_head_mask(mask), scores, mx.array(-float("inf"), scores.dtype))
+    scores = mx.where(heads_mask(mask, scores.shape[1]), scores, mx.array(-float("inf"), scores.dtype))
     return mx.softmax(scores, axis=-1, precise=True)
 
 

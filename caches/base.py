@@ -50,11 +50,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import weakref
 from typing import Any, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
-from .attention import Bias, fast_sdpa, scaled_dot_product_attention
+from .attention import Bias, fast_sdpa, scaled_dot_product_attention, visibility
 from .reference import EXACT, Reference
 
 
@@ -73,6 +74,19 @@ class Fetched(NamedTuple):
     # zero-argument function returning them, called only when attention needs positions.
     positions: Any = None
     causal: bool = False  # True: plain causal visibility over these keys equals the reference's
+
+
+# The shared row mask of the forward running now (Cache.rows_visibility): (a weak reference to
+# its q_positions, (offset, padding), key positions, visibility). One entry: the layers of one
+# forward run one after another. Dropped when that forward's q_positions array is freed, so
+# the mask [B, L, S] lives no longer than the positions it was built for.
+_ROWS_MASK: list = [None]
+
+
+def _forget_rows_mask(ref: weakref.ref) -> None:
+    entry = _ROWS_MASK[0]
+    if entry is not None and entry[0] is ref:
+        _ROWS_MASK[0] = None
 
 
 class Cache:
@@ -195,8 +209,8 @@ class Cache:
     def across_heads(self, x: mx.array) -> mx.array:
         """`x`, summed over the heads this process holds, summed over every head of the layer.
 
-        A cache whose choices combine heads (an eviction score summed over heads, as H2O and
-        SnapKV keep one set of keys per layer) sums through this, so that split over
+        A cache whose choices combine heads (an eviction score summed over every head, as H2O
+        and SnapKV with per_head=False keep one set of keys per layer) sums through this, so that split over
         processes by heads every process chooses what one process would. Identity when the
         model is whole."""
         group = self.heads_group
@@ -205,6 +219,23 @@ class Cache:
         if isinstance(group, mx.distributed.Group):
             return mx.distributed.all_sum(x, group=group)
         return group.all_sum(x)  # a stand-in group (zoo.distributed.GroupLike)
+
+    # Split by heads with the key/value heads copied (zoo.shard with more processes than kv
+    # heads): (start, stop, total) of the model's kv heads this process holds a copy of, each
+    # read by only some of its query heads here; None when whole or when kv heads are split.
+    kv_copies: Optional[tuple[int, int, int]] = None
+
+    def across_kv_copies(self, x: mx.array) -> mx.array:
+        """`x` [B, Hkv, ...], one entry per kv head this process holds, summed over the processes
+        that hold the same kv heads: a score per kv head summed over all of its query heads
+        (per-head eviction), whether those live in this process or not. Identity when whole or
+        when kv heads are split (a kv head's query heads are then all here)."""
+        if self.heads_group is None or self.kv_copies is None:
+            return x
+        start, stop, total = self.kv_copies
+        every = mx.zeros((x.shape[0], total, *x.shape[2:]), dtype=x.dtype)
+        every[:, start:stop] = x  # the model's kv heads, zero where another process holds them
+        return self.across_heads(every)[:, start:stop]
 
     def _trim_refusal(self) -> Optional[str]:
         """Why `trim` cannot remove tokens right now, or None when it can."""
@@ -380,9 +411,10 @@ class Cache:
             # Ragged rows: each row's own positions, padding hidden, and always the reference's
             # mask (`causal` promises plain causal visibility of the padded sequence, which a
             # strategy grown for the padding, like rotating's extra slots, no longer keeps).
+            k_positions, visible = self.rows_visibility(q_positions)
             return scaled_dot_product_attention(
                 queries, keys, values, scale=scale, q_positions=q_positions,
-                k_positions=self.fetched_positions(), reference=self.reference, bias=bias)
+                k_positions=k_positions, reference=self.reference, bias=bias, visible=visible)
         if fetched.causal and bias is None and queries.shape[2] == 1:
             return fast_sdpa(queries, keys, values, scale=scale)  # one query sees every key
         positions = fetched.positions() if callable(fetched.positions) else fetched.positions
@@ -390,6 +422,31 @@ class Cache:
             queries, keys, values, scale=scale, q_positions=q_positions, k_positions=positions,
             reference=EXACT if fetched.causal else self.reference, bias=bias,
         )
+
+    def rows_visibility(self, q_positions: mx.array) -> tuple[mx.array, mx.array]:
+        """For left-padded rows, after an update: the positions of the keys it fetched [B, S]
+        and the visibility of queries at `q_positions` [B, Lq] over them ([B, Lq, S], from
+        `caches.attention.visibility`).
+
+        Built once per forward, not once per layer: every layer whose fetch was slots
+        0..offset-1 in order, under a causal reference, holds the same key positions (slot -
+        padding), so the first such layer builds them and the mask, and the others reuse
+        both. The memo is keyed by the forward's own `q_positions` array (made once at the
+        model top; the memo holds it weakly and forgets the mask when it goes), the offset
+        and the padding: a new forward, or other rows, build afresh. A cache whose keys are not in
+        order, or whose reference masks otherwise (a window), builds its own."""
+        fetched = self._fetched
+        shared = fetched is not None and fetched.positions is None and self.reference.causal
+        key = (self.offset, self.row_padding)
+        if shared:
+            last = _ROWS_MASK[0]
+            if last is not None and last[0]() is q_positions and last[1] == key:
+                return last[2], last[3]
+        k_positions = self.fetched_positions()
+        visible = visibility(self.reference, q_positions, k_positions)
+        if shared:
+            _ROWS_MASK[0] = (weakref.ref(q_positions, _forget_rows_mask), key, k_positions, visible)
+        return k_positions, visible
 
     def stored_kv(self) -> Optional[tuple[mx.array, mx.array]]:
         """Keys and values [B, Hkv, offset, D] as attention reads them, in position order: what

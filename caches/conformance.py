@@ -246,11 +246,12 @@ def check_storage(
             problems.append(f"{where}: offset is {cache.offset}, {len(truth_k)} tokens were written")
             break
         problems += _compare_fetch(cache, fetched_k, fetched_v, truth_k, truth_v, where)
-        stored = [int(p) for p in cache.key_positions().reshape(-1).tolist()]
-        if len(set(stored)) != len(stored) or any(not 0 <= p < cache.offset for p in stored):
-            problems.append(f"{where}: key_positions() {stored} are not distinct positions below the offset")
-        if cache.size() != len(stored):
-            problems.append(f"{where}: size() is {cache.size()} but key_positions() lists {len(stored)}")
+        held = cache.key_positions()  # [S], or [B, Hkv, S]: every row and kv head its own
+        for stored in held.reshape(-1, held.shape[-1]).tolist():
+            if len(set(stored)) != len(stored) or any(not 0 <= p < cache.offset for p in stored):
+                problems.append(f"{where}: key_positions() {stored} are not distinct positions below the offset")
+            if cache.size() != len(stored):
+                problems.append(f"{where}: size() is {cache.size()} but key_positions() lists {len(stored)}")
         n = trims.get(step, 0)
         if n and cache.is_trimmable():
             removed = cache.trim(n)
@@ -264,7 +265,15 @@ def check_storage(
 
 
 def _compare_fetch(cache, fetched_k, fetched_v, truth_k, truth_v, where: str) -> list[str]:
-    positions = [int(p) for p in cache.fetched_positions().reshape(-1).tolist()]
+    fetched = cache.fetched_positions()
+    if fetched.ndim == 3:  # [B, Hkv, S]: keys that differ per kv head (per-head eviction)
+        problems = []
+        for h in range(fetched.shape[1]):
+            problems += _compare_fetch(_OneHead(cache, fetched[:, h]), fetched_k[:, h : h + 1],
+                                       fetched_v[:, h : h + 1], [t[:, h : h + 1] for t in truth_k],
+                                       [t[:, h : h + 1] for t in truth_v], f"{where}, kv head {h}")
+        return problems
+    positions = [int(p) for p in fetched.reshape(-1).tolist()]
     if len(set(positions)) != len(positions) or any(not 0 <= p < len(truth_k) for p in positions):
         return [f"{where}: the fetched key positions {positions} are not distinct written positions"]
     reference = cache.reference
@@ -286,3 +295,14 @@ def _compare_fetch(cache, fetched_k, fetched_v, truth_k, truth_v, where: str) ->
         return []
     return [f"{where}: the keys/values returned are not the ones written at the positions it reports "
             f"({positions[:8]}{'...' if len(positions) > 8 else ''})"]
+
+
+class _OneHead:
+    """One kv head of a cache whose key positions differ per head, as `_compare_fetch` reads a
+    cache: its fetched positions and its reference."""
+
+    def __init__(self, cache: Any, positions: mx.array) -> None:
+        self.reference, self._positions = cache.reference, positions[0]
+
+    def fetched_positions(self) -> mx.array:
+        return self._positions

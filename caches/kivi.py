@@ -2,14 +2,23 @@
 
 Keys are quantized per channel over groups of `group_size` consecutive tokens (one scale and
 bias per channel and group: outlier channels stay within their own range), values per token
-over groups of min(group_size, head_dim) features, both with `bits`-bit affine quantization on
-mx.quantize's conventions (caches/affine.py). The most recent `residual` tokens stay in full
-precision; tokens are quantized as they leave that window: a value as soon as it is `residual`
-tokens old, a key group once its newest token is (so between `residual` and
-`residual + group_size - 1` keys are exact). KIVI's reference code (jy-yuan/KIVI,
-models/llama_kivi.py) quantizes a key block when its full-precision buffer reaches `residual`
-tokens and the prompt as a whole at prefill; here the rule is by age, per query, so that the
-result does not depend on how the sequence is chunked.
+over groups of min(group_size, head_dim) features, both with KIVI's own `bits`-bit min-max
+quantizer (jy-yuan/KIVI, quant/new_pack.py: scale = (max - min) / (2^bits - 1), bias = min;
+caches/affine.py, grid="minmax"; tests/test_literature.py checks it against a transcription).
+The most recent `residual` tokens stay in full precision; tokens are quantized as they leave
+that window: a value as soon as it is `residual` tokens old, a key group once its newest token
+is (so between `residual` and `residual + group_size - 1` keys are exact).
+
+Where KIVI's reference code (models/llama_kivi.py, LlamaAttention_KIVI.forward) differs, and
+why: it schedules by buffer, not by age. At prefill it attends in full precision, then
+quantizes the prompt's keys but the last T mod R and its values but the last R; while
+decoding it appends to a full-precision key buffer and quantizes all of it when it reaches R
+tokens (so 0..R-1 exact keys), and quantizes the oldest exact value after a query attended
+(the query reads R + 1 exact values, R stay). Which keys a query reads exact then depends on
+the prompt length and on how the prompt was chunked; here the rule is by age, per query, so
+that the result does not depend on chunking and the oracle can state it (`rounded_for`). The
+arithmetic is float32 (KIVI's runs in the model's dtype), and values on heads narrower than
+`group_size` are grouped over the whole head (KIVI requires head_dim % group_size == 0).
 
 Query p reads key k rounded iff (k // G + 1) * G - 1 <= p - R, and value k rounded iff
 k <= p - R (G = group_size, R = residual): `KIVIReference.rounded_for`. A chunk's queries differ
@@ -30,6 +39,9 @@ from .reference import Reference
 from .registry import register
 
 
+GRID = "minmax"  # KIVI's own quantizer (caches/affine.py): min and max of each group are levels
+
+
 def key_rounded_count(n: int, group_size: int, residual: int) -> int:
     """Keys stored quantized after n tokens: the whole groups at least `residual` old for the
     latest query (position n - 1)."""
@@ -43,7 +55,7 @@ def value_rounded_count(n: int, residual: int) -> int:
 def quantize_keys(keys: mx.array, bits: int, group_size: int):
     """keys [B, H, n, D] (n a multiple of group_size) -> per-channel groups along the tokens:
     (packed [B, H, D, n * bits / 8], scales [B, H, D, n / g], biases [B, H, D, n / g])."""
-    return affine.quantize(keys.swapaxes(2, 3), bits, group_size)
+    return affine.quantize(keys.swapaxes(2, 3), bits, group_size, GRID)
 
 
 def dequantize_keys(triple, bits: int, group_size: int) -> mx.array:
@@ -70,10 +82,10 @@ class KIVIReference(Reference):
         nk, nv = self._split(keys, values)
         out_k, out_v = keys, values
         if nk:
-            rounded = affine.round_trip(keys[..., :nk, :].swapaxes(2, 3), self.bits, self.group_size)
+            rounded = affine.round_trip(keys[..., :nk, :].swapaxes(2, 3), self.bits, self.group_size, GRID)
             out_k = mx.concatenate([rounded.swapaxes(2, 3).astype(keys.dtype), keys[..., nk:, :]], axis=2)
         if nv:
-            rounded = affine.round_trip(values[..., :nv, :], self.bits, self.value_group(values.shape[-1]))
+            rounded = affine.round_trip(values[..., :nv, :], self.bits, self.value_group(values.shape[-1]), GRID)
             out_v = mx.concatenate([rounded, values[..., nv:, :]], axis=2)
         return out_k, out_v
 
@@ -88,29 +100,12 @@ class KIVIReference(Reference):
         step_k = mx.zeros(keys.shape, mx.float32)
         step_v = mx.zeros(values.shape, mx.float32)
         if nk:
-            s = affine.step(keys[..., :nk, :].swapaxes(2, 3), self.bits, self.group_size).swapaxes(2, 3)
+            s = affine.step(keys[..., :nk, :].swapaxes(2, 3), self.bits, self.group_size, GRID).swapaxes(2, 3)
             step_k = mx.concatenate([s, step_k[..., nk:, :]], axis=2)
         if nv:
-            s = affine.step(values[..., :nv, :], self.bits, self.value_group(values.shape[-1]))
+            s = affine.step(values[..., :nv, :], self.bits, self.value_group(values.shape[-1]), GRID)
             step_v = mx.concatenate([s, step_v[..., nv:, :]], axis=2)
         return step_k, step_v
-
-    def rounding_alternatives(self, keys, values):
-        nk, nv = self._split(keys, values)
-        alt_k, alt_v = keys, values
-        on_k = mx.zeros(keys.shape, mx.bool_)
-        on_v = mx.zeros(values.shape, mx.bool_)
-        if nk:
-            other, on = affine.affine_grid(keys[..., :nk, :].swapaxes(2, 3), self.bits, self.group_size,
-                                           other_side=True)
-            alt_k = mx.concatenate([other.swapaxes(2, 3), keys[..., nk:, :]], axis=2)
-            on_k = mx.concatenate([on.swapaxes(2, 3), on_k[..., nk:, :]], axis=2)
-        if nv:
-            other, on = affine.affine_grid(values[..., :nv, :], self.bits, self.value_group(values.shape[-1]),
-                                           other_side=True)
-            alt_v = mx.concatenate([other, values[..., nv:, :]], axis=2)
-            on_v = mx.concatenate([on, on_v[..., nv:, :]], axis=2)
-        return [((alt_k, alt_v), (on_k, on_v))]
 
     def __repr__(self) -> str:
         return f"KIVIReference(bits={self.bits}, group_size={self.group_size}, residual={self.residual})"
@@ -189,7 +184,7 @@ class KIVICache(Cache):
             self.key_q = list(new_kq) if self.key_q is None else [
                 mx.concatenate([a, b], axis=-1) for a, b in zip(self.key_q, new_kq)]
         if nv1 > nv0:
-            new_vq = affine.quantize(tail_v[..., : nv1 - nv0, :], self.bits, self._value_group(values.shape[3]))
+            new_vq = affine.quantize(tail_v[..., : nv1 - nv0, :], self.bits, self._value_group(values.shape[3]), GRID)
             new_v = affine.dequantize(*new_vq, self.bits, self._value_group(values.shape[3])).astype(values.dtype)
             self.value_q = list(new_vq) if self.value_q is None else [
                 mx.concatenate([a, b], axis=-2) for a, b in zip(self.value_q, new_vq)]

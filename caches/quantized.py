@@ -255,8 +255,11 @@ class QuantizedCache(KeyValueRows):
                                          bits=self.key_bits)  # [B, Hkv, n_rep, L, S]
         S = scores.shape[-1]
         if L > 1 or bias is not None or self.padding is not None:
-            k_positions = self.fetched_positions()
-            mask = visibility(self.reference, q_positions, k_positions)  # [L, S] or [B, L, S]
+            if self.padding is not None:  # ragged rows: one mask per forward, shared by the layers
+                k_positions, mask = self.rows_visibility(q_positions)  # [B, S], [B, L, S]
+            else:
+                k_positions = self.fetched_positions()
+                mask = visibility(self.reference, q_positions, k_positions)  # [L, S]
             if mask.ndim == 3:
                 mask = mask[:, None, None]  # [B, 1, 1, L, S]
             if bias is not None:

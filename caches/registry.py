@@ -108,9 +108,13 @@ def make(name: str, model: Any, **options: Any) -> list[Cache]:
         raise TypeError(f"caches.make needs a model with a `layers` list, got {type(model).__name__}")
     caches = [cls(**options) for _ in layers]
     group = getattr(model, "heads_group", None)  # split by heads (zoo.shard): Cache.across_heads
+    part = getattr(model, "distributed", None)  # zoo.distributed.Slice: which heads are here
+    copies = None
+    if group is not None and getattr(part, "kv_replicated", False):
+        copies = (*part.kv_heads, model.config.n_kv_heads)  # Cache.across_kv_copies
     if group is not None:
         for cache in caches:
-            cache.heads_group = group
+            cache.heads_group, cache.kv_copies = group, copies
     for cache in caches[:1]:
         cache.check_model(model)
     for cache in caches:

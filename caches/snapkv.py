@@ -3,11 +3,14 @@
 The cache keeps the queries of the last `window` tokens it saw (the observation window). When
 decoding starts (the first single-token update, with more than `budget` keys held), those
 queries vote: their attention weights over the keys before the window, summed over the window
-queries (and heads and rows: one choice per layer), smoothed by an average pool of
-`kernel_size` (zero-padded, as torch's avg_pool1d), pick the `budget - window` keys kept
-besides the window itself. The rule of SnapKV's reference code (FasterDecoding/SnapKV,
-snapkv/monkeypatch/snapkv_utils.py, SnapKVCluster.update_kv; tests/test_literature.py
-transcribes it). After that it is a plain growing cache.
+queries and over the query heads that read each key/value head (one choice per row and kv
+head; `per_head=False`: over every head, one choice per row and layer), smoothed by an average
+pool of `kernel_size` (zero-padded, as torch's avg_pool1d), pick the `budget - window` keys
+kept besides the window itself. The rule of SnapKV's reference code (FasterDecoding/SnapKV,
+snapkv/monkeypatch/snapkv_utils.py, SnapKVCluster.update_kv) and of kvpress's SnapKVPress
+(NVIDIA/kvpress, kvpress/presses/snapkv_press.py: the query heads of a group averaged, after
+SnapKV issue 22); tests/test_literature.py transcribes both. After that it is a plain growing
+cache.
 
 Exact against its record (caches/eviction.py, VisibilityReference) for any chunking. When the
 compression happens depends on how the sequence is fed: with single-token prefill steps it
@@ -22,42 +25,48 @@ from typing import Optional
 import mlx.core as mx
 
 from .attention import Bias, grouped_scores, masked_softmax
-from .eviction import EvictionCache, VisibilityReference, check_int
+from .eviction import EvictionCache, VisibilityReference, check_bool, check_int
 from .registry import register
 
 
 def pooled_votes(votes: mx.array, kernel_size: int) -> mx.array:
     """torch.nn.functional.avg_pool1d(votes, kernel_size, stride=1, padding=kernel_size // 2)
-    over [S] (zero padding counted, odd kernel: the output has S values)."""
+    over the last axis of votes [..., S] (zero padding counted, odd kernel: S values out)."""
     if kernel_size == 1:
         return votes
     pad = kernel_size // 2
-    padded = mx.concatenate([mx.zeros((pad,), votes.dtype), votes, mx.zeros((pad,), votes.dtype)])
-    sums = mx.concatenate([mx.zeros((1,), votes.dtype), mx.cumsum(padded)])
-    return (sums[kernel_size:] - sums[:-kernel_size]) / kernel_size
+    zeros = mx.zeros((*votes.shape[:-1], pad), votes.dtype)
+    padded = mx.concatenate([zeros, votes, zeros], axis=-1)
+    sums = mx.concatenate([mx.zeros((*votes.shape[:-1], 1), votes.dtype), mx.cumsum(padded, axis=-1)], axis=-1)
+    return (sums[..., kernel_size:] - sums[..., :-kernel_size]) / kernel_size
 
 
 def snap_selection(votes: mx.array, keep: int, kernel_size: int) -> mx.array:
-    """Indices (ascending) of the `keep` keys with the largest pooled votes [S]."""
+    """Indices (ascending in each row) of the `keep` keys with the largest pooled votes
+    [..., S]: int32 [..., keep]."""
     pooled = pooled_votes(votes, kernel_size)
-    return mx.sort(mx.argpartition(-pooled, kth=keep - 1)[:keep]).astype(mx.int32)
+    top = mx.argpartition(-pooled, kth=keep - 1, axis=-1)[..., :keep]
+    return mx.sort(top, axis=-1).astype(mx.int32)
 
 
 def _examples(head_dim: int, seq_len: int) -> list[dict]:
     return [{"budget": max(3, seq_len // 3), "window": 2, "kernel_size": 3},
-            {"budget": max(4, seq_len // 2), "window": 3, "kernel_size": 1}]
+            {"budget": max(4, seq_len // 2), "window": 3, "kernel_size": 1},
+            {"budget": max(3, seq_len // 3), "window": 2, "kernel_size": 3, "per_head": False}]
 
 
 @register("snapkv", reference=VisibilityReference, examples=_examples,
-          exact=lambda seq_len, budget, window, kernel_size: seq_len <= budget)
+          exact=lambda seq_len, budget, window, kernel_size, per_head: seq_len <= budget)
 class SnapKVCache(EvictionCache):
-    """The prompt compressed to `budget` keys per layer at the start of decoding, by the votes
-    of its last `window` queries (module docstring). Memory: keys and values of min(prompt,
-    budget) + decoded tokens, + 4 * offset bytes (the record) per layer, + the window's queries
-    until compression. Trimmable back to where it compressed."""
+    """The prompt compressed to `budget` keys per layer and kv head at the start of decoding, by
+    the votes of its last `window` queries (module docstring). Memory: keys and values of
+    min(prompt, budget) + decoded tokens, + 4 * B * n_kv_heads * (held + offset) bytes
+    (positions, the record) per layer, + the window's queries until compression. Trimmable
+    back to where it compressed."""
 
-    def __init__(self, budget: int = 256, window: int = 32, kernel_size: int = 5) -> None:
+    def __init__(self, budget: int = 256, window: int = 32, kernel_size: int = 5, per_head: bool = True) -> None:
         super().__init__()
+        check_bool("snapkv", "per_head", per_head)
         check_int("snapkv", "budget", budget, 2)
         check_int("snapkv", "window", window, 1)
         check_int("snapkv", "kernel_size", kernel_size, 1)
@@ -66,7 +75,7 @@ class SnapKVCache(EvictionCache):
                              f"so that some prompt keys besides the window are kept")
         if kernel_size % 2 == 0:
             raise ValueError(f"snapkv cache: kernel_size must be odd (a centred pool), got {kernel_size}")
-        self.budget, self.window, self.kernel_size = budget, window, kernel_size
+        self.budget, self.window, self.kernel_size, self.per_head = budget, window, kernel_size, per_head
         self.observed: Optional[mx.array] = None  # [B, Hq, <= window, D]: the latest queries
         self.compressed_at: Optional[int] = None  # offset at which it compressed
 
@@ -91,9 +100,10 @@ class SnapKVCache(EvictionCache):
         scores = grouped_scores(self.observed, self.keys, scale)  # [B, Hq, w, S]
         additive = None if bias is None else bias(q_positions, k_positions)
         weights = masked_softmax(scores, q_positions[:, None] >= k_positions[None, :], additive)
-        votes = self.across_heads(weights[..., : S - w].astype(mx.float32).sum(axis=(0, 1, 2)))  # [S - w], every head
-        chosen = snap_selection(votes, self.budget - w, self.kernel_size)
-        self._evict(mx.concatenate([chosen, mx.arange(S - w, S, dtype=mx.int32)]))
+        votes = self._scores(weights[..., : S - w])  # [B, Hkv, S - w]
+        chosen = snap_selection(votes, self.budget - w, self.kernel_size)  # [B, Hkv, budget - w]
+        window = mx.broadcast_to(mx.arange(S - w, S, dtype=mx.int32), (*chosen.shape[:2], w))
+        self._evict(mx.concatenate([chosen, window], axis=-1))
         self.compressed_at = self.offset
         self.observed = None
 
@@ -112,10 +122,7 @@ class SnapKVCache(EvictionCache):
         return None  # the tokens since the compression can always be trimmed
 
     def _trim(self, n):
-        keep = self.size() - n  # nothing trimmed was evicted: the newest n stored are the newest n
-        self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
-        self.positions = self.positions[:keep]
-        self.evicted_at = self.evicted_at[: self.offset - n]
+        self._forget_newest(n)  # nothing trimmed was evicted: the newest n stored are the newest n
         if self.observed is not None:
             self.observed = self.observed[..., : max(0, self.observed.shape[2] - n), :]
             if self.observed.shape[2] == 0:

@@ -20,10 +20,10 @@ import random
 import statistics
 import time
 
+import zoo  # first: it loads OpenBLAS for MLX, which works only before mlx.core (kvzoo/blas.py)
 import mlx.core as mx
 
 import caches
-import zoo
 from zoo.checkpoints.mlx_lm import to_mlx_lm
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import zoo  # first: it loads OpenBLAS for MLX, which works only before mlx.core (kvzoo/blas.py)
 import mlx.core as mx
 
 import caches
-import zoo
 
 
 def bytes_per_token(tokens: int = 1000) -> list[tuple[str, str, float, float]]:

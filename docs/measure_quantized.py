@@ -19,10 +19,10 @@ import os
 import statistics
 import time
 
+import zoo  # first: it loads OpenBLAS for MLX, which works only before mlx.core (kvzoo/blas.py)
 import mlx.core as mx
 import numpy as np
 
-import zoo
 from zoo.checkpoints import quantized
 
 

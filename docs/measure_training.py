@@ -2,6 +2,7 @@
 config, same batch shape, same optimizer (AdamW, clipping), measured in one run, interleaved.
 
     python docs/measure_training.py [--steps 10] [--rounds 3] [--batch 32] [--block 128]
+    OPENBLAS_NUM_THREADS=1 python docs/measure_training.py --torch-threads 1   # both on one core
 
 The default shape is the char-level recipe of docs/training.md (4 layers, 4 heads, d_model 64,
 block 128, batch 32, exact GELU, tied, dropout 0.1 on embeddings and residuals; attention-
@@ -14,6 +15,12 @@ numbers move with its load, reported beside them.
 
 from __future__ import annotations
 
+# isort: off
+# zoo first: it loads OpenBLAS for MLX's matmuls, which works only before mlx.core is imported
+# (kvzoo/blas.py). Imported after mlx, MLX keeps its reference BLAS and the step is ~3x slower.
+import zoo
+# isort: on
+
 import argparse
 import os
 import statistics
@@ -22,7 +29,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-import zoo
+from kvzoo import blas
 from zoo.training.optimizer import AdamW
 from zoo.training.step import make_step
 
@@ -38,13 +45,20 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own); MLX's BLAS threads "
+                             "follow OPENBLAS_NUM_THREADS")
     args = parser.parse_args()
 
     import torch
     import transformers
 
-    shape = dict(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                 max_positions=args.block, activation="gelu", dropout=args.dropout)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+
+    shape = {"vocab_size": args.vocab, "d_model": args.d_model, "n_layers": args.layers,
+             "n_heads": args.heads, "max_positions": args.block, "activation": "gelu",
+             "dropout": args.dropout}
     model = zoo.build("gpt2", seed=0, **shape)
     model.train()
     step = make_step(model, AdamW(3e-3, weight_decay=0.1), clip=1.0)
@@ -88,6 +102,7 @@ def main() -> None:
     print(f"GPT-2 {args.layers}x{args.d_model}, {args.heads} heads, block {args.block}, batch {args.batch}, "
           f"vocab {args.vocab}, dropout {args.dropout}; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), mlx {mx.__version__}; load average {os.getloadavg()[0]:.1f}")
+    print(f"MLX matmuls: {blas.choice().describe()}")
     for r in range(args.rounds):
         (t_mlx, c_mlx), (t_torch, c_torch) = mlx_steps(args.steps), torch_steps(args.steps)
         ratios.append(t_torch / t_mlx)

@@ -100,6 +100,11 @@ def setup() -> BlasChoice:
             "mlx imported before zoo: MLX's matmuls are bound to its own BLAS for this process; "
             "import zoo before mlx (or mlx_lm, caches, positional, sampling) to use a fast BLAS",
         )
+        if find_openblas() is not None:  # a fast BLAS was there to use: say so, once
+            warnings.warn("kvzoo: mlx.core was imported before zoo, so MLX's matmuls run on its "
+                          "bundled reference BLAS in this process (a training step measured 3.6x "
+                          "slower, docs/training.md); import zoo first to use OpenBLAS",
+                          RuntimeWarning, stacklevel=3)
         return _choice
     if request.lower() in ("", "auto", "on", "1", "yes", "true", "openblas"):
         path, how = find_openblas(), "found on the system"

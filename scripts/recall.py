@@ -4,16 +4,19 @@ first 16 characters.   python scripts/recall.py MODEL_FOLDER PAGE.txt"""
 
 from __future__ import annotations
 
+# isort: off
+import zoo  # first: it loads OpenBLAS for MLX, which works only before mlx.core (kvzoo/blas.py)
+# isort: on
+
 import sys
 
 import mlx.core as mx
 
-import zoo
-
 
 def main(model_path: str, page_path: str) -> None:
     model, tokenizer = zoo.load(model_path)
-    text = open(page_path, encoding="utf-8").read()
+    with open(page_path, encoding="utf-8") as f:
+        text = f.read()
     ids = tokenizer.encode(text)
     block = model.config.max_positions
     correct = total = 0

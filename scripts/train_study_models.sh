@@ -11,7 +11,8 @@
 # to the same STEPS2 optimizer steps (same batches: the windows are seeded by step), with a
 # fresh warmup + cosine over the STEPS2 steps (a warm restart), in three chains.
 #
-#   scripts/train_study_models.sh [OUT_DIR=/work/models] [MAX_MINUTES=9] [STEPS2=60]
+#   [STEPS=3000] scripts/train_study_models.sh [OUT_DIR=/work/models] [MAX_MINUTES=9] [STEPS2=60]
+# (STEPS=N with MAX_MINUTES=0 and STEPS2=0: every model gets the same N-step schedule)
 set -euo pipefail
 OUT=${1:-/work/models}
 MINUTES=${2:-9}
@@ -23,7 +24,7 @@ KVZOO=${KVZOO:-kvzoo}
 mkdir -p "$OUT/logs"
 
 common=(--data "$DATA" --tokenizer "$TOKENIZER" --family llama --n-layers 4 --n-heads 4 --d-model 96
-        --block-size 256 --batch-size 8 --steps 3000 --lr 3e-3 --min-lr 3e-4 --warmup 50
+        --block-size 256 --batch-size 8 --steps "${STEPS:-3000}" --lr 3e-3 --min-lr 3e-4 --warmup 50
         --weight-decay 0.1 --grad-clip 1.0 --dropout 0 --eval-interval 50 --eval-batches 4
         --val-fraction 0.1 --seed 0 --max-minutes "$MINUTES" --no-progress)
 

@@ -115,6 +115,9 @@ def test_mlx_imported_first_is_reported_not_hidden():
     fast, how, bound = json.loads(done.stdout)
     assert not fast and "mlx imported before zoo" in how
     assert bound == os.path.realpath(blas.bundled_blas())
+    if blas.find_openblas() is not None:  # a fast BLAS was there: the user is told, not left slow
+        assert "RuntimeWarning: kvzoo: mlx.core was imported before zoo" in done.stderr
+        assert "import zoo first" in done.stderr
 
 
 def test_a_bad_library_path_warns_and_keeps_the_bundled_blas(tmp_path):

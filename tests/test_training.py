@@ -98,7 +98,9 @@ def test_dropout_only_in_training_mode():
     model.train()
     assert max_abs_diff(model(x), plain(x)) > 1e-3
     plain.train()
-    assert max_abs_diff(plain(x), zoo.build("gpt2", preset="tiny", seed=0)(x)) == 0.0  # rate 0: identity
+    # rate 0: identity; the training forward's vectorisable softmax (zoo/fastmath.py) rounds
+    # differently from MLX's fused attention, so equal to float32 rounding, not bit for bit
+    assert max_abs_diff(plain(x), zoo.build("gpt2", preset="tiny", seed=0)(x)) <= 1e-5
     with pytest.raises(ValueError, match="dropout"):
         zoo.build("gpt2", preset="tiny", dropout=1.0)
 

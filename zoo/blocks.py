@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fastmath
 from .config import ModelConfig
 
 # MLX's functions for each activation name. gelu is the exact erf form (nanoGPT, minGPT,
@@ -39,6 +40,16 @@ def activation(name: str) -> Callable[[mx.array], mx.array]:
     if name not in ACTIVATION_FUNCTIONS:
         raise ValueError(f"unknown activation {name!r} (allowed: {', '.join(ACTIVATION_FUNCTIONS)})")
     return ACTIVATION_FUNCTIONS[name]
+
+
+# What the training forward (model.train(), compiled step) uses instead: the same function
+# written so that MLX's CPU compiler vectorises it (zoo/fastmath.py); equal up to float rounding.
+TRAINING_ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {"gelu": fastmath.gelu, "silu": fastmath.silu}
+
+
+def training_activation(name: str) -> Callable[[mx.array], mx.array]:
+    """The MLP activation called `name` for the training forward (see TRAINING_ACTIVATIONS)."""
+    return TRAINING_ACTIVATIONS.get(name) or activation(name)
 
 
 def mlp_hidden(act: Callable[[mx.array], mx.array], up: nn.Module, gate: Optional[nn.Module],

@@ -12,8 +12,10 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from caches import Cache, Reference, scaled_dot_product_attention
-from caches.attention import mixed_attention, repositioned_attention
+from caches.attention import mixed_attention, repositioned_attention, visibility
 from positional import Positional
+
+from . import fastmath
 
 # The cache API's bias hook: (q_positions, k_positions) -> additive bias or None.
 Bias = Callable[[mx.array, mx.array], Optional[mx.array]]
@@ -27,6 +29,7 @@ class Context:
     positional: Positional
     reference: Reference  # what the uncached path must do (ignored when a cache is given)
     window: Optional[int] = None  # the model's sliding window (ModelConfig.sliding_window)
+    training: bool = False  # the model is in training mode: uncached attention uses training_attention
     _layers_seen: list = field(default_factory=lambda: [0], compare=False, repr=False)
 
     def layer_reference(self) -> Reference:
@@ -71,6 +74,10 @@ def attend(
         return cache.attend(
             queries, keys, values, scale=scale, q_positions=ctx.positions, bias=bias
         )
+    if ctx.training and not reference.mixes:
+        keys, values = reference.transform_kv(keys, values)
+        return training_attention(queries, keys, values, scale=scale, positions=ctx.positions,
+                                  reference=reference, bias=bias)
     if reference.mixes:
         return mixed_attention(queries, keys, values, scale=scale, q_positions=ctx.positions,
                                reference=reference, bias=bias)
@@ -85,6 +92,26 @@ def attend(
         reference=reference,
         bias=bias,
     )
+
+
+def training_attention(queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
+                       positions: mx.array, reference: Reference, bias: Optional[Bias]) -> mx.array:
+    """Uncached attention [B, Hq, L, D] written out for the compiled training step: scores
+    q k^T * scale plus the reference's mask (-inf where hidden) and the positional bias, then
+    fastmath.softmax, whose exp MLX's compiler vectorises (MLX's fused attention on CPU runs
+    the same steps with its scalar exp). Equal to the inference path up to float rounding."""
+    n_rep = queries.shape[1] // keys.shape[1]
+    if n_rep > 1:  # grouped-query attention: each key/value head serves n_rep query heads
+        keys, values = mx.repeat(keys, n_rep, axis=1), mx.repeat(values, n_rep, axis=1)
+    mask = mx.where(visibility(reference, positions, positions), 0.0, -float("inf"))  # [L, L]
+    if bias is not None:
+        additive = bias(positions, positions)
+        if additive is not None:
+            mask = mask + additive.astype(queries.dtype)
+    # addmm writes mask + q k^T contiguously in one BLAS call; an add fused into the softmax's
+    # loop would make MLX generate a strided (unvectorised) kernel for the broadcast mask.
+    scores = mx.addmm(mask.astype(queries.dtype), queries * scale, keys.swapaxes(-1, -2))  # [B, Hq, L, L]
+    return fastmath.softmax(scores) @ values
 
 
 def window_bias(window: int, inner: Optional[Bias] = None) -> Bias:

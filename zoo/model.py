@@ -88,7 +88,8 @@ class CausalLM(nn.Module):
         positions = mx.arange(offset, offset + length, dtype=mx.int32)  # the only arange of positions
         if padding is not None:
             positions = positions - padding[:, None]  # [B, L]: each row's own; padding negative
-        ctx = Context(positions, self.positional, reference or EXACT, window=self.config.sliding_window)
+        ctx = Context(positions, self.positional, reference or EXACT, window=self.config.sliding_window,
+                      training=self.training and not cache)
         return self.forward(tokens, ctx, cache or [None] * len(self.layers))
 
     def update(self, parameters: dict, *args, **kwargs) -> "CausalLM":

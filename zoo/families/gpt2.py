@@ -160,10 +160,12 @@ class GPT2MLP(nn.Module):
             self.c_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.act = blocks.activation(cfg.activation)
+        self.training_act = blocks.training_activation(cfg.activation)
         self.dropout = blocks.make_dropout(cfg)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.dropout(self.c_proj(blocks.mlp_hidden(self.act, self.c_fc, self.get("c_gate"), x)))
+        act = self.training_act if self.training else self.act  # training: blocks.TRAINING_ACTIVATIONS
+        return self.dropout(self.c_proj(blocks.mlp_hidden(act, self.c_fc, self.get("c_gate"), x)))
 
 
 class GPT2Block(nn.Module):

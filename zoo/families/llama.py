@@ -247,10 +247,12 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.act = blocks.activation(cfg.activation)
+        self.training_act = blocks.training_activation(cfg.activation)
         self.dropout = blocks.make_dropout(cfg)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.dropout(self.down_proj(blocks.mlp_hidden(self.act, self.up_proj, self.get("gate_proj"), x)))
+        act = self.training_act if self.training else self.act  # training: blocks.TRAINING_ACTIVATIONS
+        return self.dropout(self.down_proj(blocks.mlp_hidden(act, self.up_proj, self.get("gate_proj"), x)))
 
 
 class LlamaBlock(nn.Module):
