@@ -614,57 +614,50 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_batch(args: argparse.Namespace) -> int:
     from . import bench_batch
-    from .info import collect
 
     if args.out is not None:
         _check_writable(args.out)
     dtype = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[parse_dtype(args.dtype)]
-    progress = Progress(1, enabled=not args.no_progress)
-    loadavg = list(os.getloadavg())
-    try:
-        section = bench_batch.run(quick=args.quick, smoke=getattr(args, "smoke", False), dtype=dtype,
-                                  selected=_csv(args.caches), repeats=args.repeats,
-                                  progress=lambda label: progress.step(label, 0))
-    finally:
-        progress.close()
-    section["loadavg_start"], section["loadavg_end"] = loadavg, list(os.getloadavg())
-    print(bench_batch.format_rows(section))
-    print(f"load average {loadavg[0]:.1f} at the start, {section['loadavg_end'][0]:.1f} at the end")
-    if args.out is not None:
-        report = {"machine": collect(measure=False), "batch": section}
-        (args.out / "bench_batch.json").write_text(json.dumps(report, indent=2, default=str))
-        print(f"\nwrote {args.out / 'bench_batch.json'}")
-    return 0
+    return _timed_section(args, "batch", lambda progress: bench_batch.run(
+        quick=args.quick, smoke=getattr(args, "smoke", False), dtype=dtype, selected=_csv(args.caches),
+        repeats=args.repeats, progress=progress), bench_batch.format_rows)
 
 
 def _run_llamacpp(args: argparse.Namespace) -> int:
+    from ..checkpoints.gguf_write import FILE_TYPES
     from . import bench_llamacpp
-    from .info import collect
 
     if args.out is not None:
         _check_writable(args.out)
     file_types = _csv(args.file_types)
-    from ..checkpoints.gguf_write import FILE_TYPES
-
     unknown = [t for t in file_types if t not in FILE_TYPES]
     if unknown:
         raise ValueError(f"--file-types: unknown {unknown}; choose from {', '.join(FILE_TYPES)}")
+    return _timed_section(args, "llamacpp", lambda progress: bench_llamacpp.run(
+        args.vs_llamacpp, _csv(args.gguf), file_types=file_types, quick=args.quick or getattr(args, "smoke", False),
+        prompt=args.prompt, tokens=args.tokens, rounds=args.repeats, threads=args.threads, progress=progress),
+        bench_llamacpp.format_rows)
+
+
+def _timed_section(args: argparse.Namespace, key: str, compute: Callable[[Callable[[str], None]], dict],
+                   format_rows: Callable[[dict], str]) -> int:
+    """Run one bench section under a progress line, with the load average before and after;
+    print it, and write it to --out as bench_<key>.json beside the machine's description."""
+    from .info import collect
+
     progress = Progress(1, enabled=not args.no_progress)
     loadavg = list(os.getloadavg())
     try:
-        section = bench_llamacpp.run(args.vs_llamacpp, _csv(args.gguf), file_types=file_types,
-                                     quick=args.quick or getattr(args, "smoke", False), prompt=args.prompt,
-                                     tokens=args.tokens, rounds=args.repeats, threads=args.threads,
-                                     progress=lambda label: progress.step(label, 0))
+        section = compute(lambda label: progress.step(label, 0))
     finally:
         progress.close()
     section["loadavg_start"], section["loadavg_end"] = loadavg, list(os.getloadavg())
-    print(bench_llamacpp.format_rows(section))
+    print(format_rows(section))
     print(f"load average {loadavg[0]:.1f} at the start, {section['loadavg_end'][0]:.1f} at the end")
     if args.out is not None:
-        report = {"machine": collect(measure=False), "llamacpp": section}
-        (args.out / "bench_llamacpp.json").write_text(json.dumps(report, indent=2, default=str))
-        print(f"\nwrote {args.out / 'bench_llamacpp.json'}")
+        report = {"machine": collect(measure=False), key: section}
+        (args.out / f"bench_{key}.json").write_text(json.dumps(report, indent=2, default=str))
+        print(f"\nwrote {args.out / f'bench_{key}.json'}")
     return 0
 
 
