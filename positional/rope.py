@@ -91,7 +91,6 @@ class RoPE(Positional):
         self.llama3 = None if llama3 is None else llama3_scaling(llama3)
         # "_" keeps the table out of the module's parameters (it is derived, never loaded).
         self._freqs = None if llama3 is None else llama3_wavelengths(dims, self.base, self.llama3)
-        self._last: Optional[tuple] = None  # CPU path: (positions, cos, sin) of the last forward
 
     @classmethod
     def from_config(cls, config) -> "RoPE":
@@ -104,56 +103,5 @@ class RoPE(Positional):
                             scale=self.scale, offset=offset, freqs=self._freqs)
 
     def rotate(self, queries, keys, positions):
-        if mx.default_device().type == mx.DeviceType.cpu:
-            return self._rotate_by_table(queries, keys, positions)
         offset = positions[..., 0]  # positions are contiguous from here
         return self._apply(queries, offset), self._apply(keys, offset)
-
-    # -- on the CPU: one rotation table per forward, shared by every layer ------------------
-    #
-    # MLX's CPU backend has no rope kernel: mx.fast.rope becomes a dozen ops per call, its own
-    # cos/sin of the positions among them, twice per layer. The same rotation written out,
-    # x * cos + partner(x) * sin, with partner(x) each feature's pair partner (negated for the
-    # first of the pair), needs the cos/sin table once per forward (the model hands every layer
-    # the same positions array), and its element-wise ops fuse under mx.compile. Equal to
-    # mx.fast.rope's CPU result (tests/test_positional.py).
-
-    def _table(self, positions: mx.array) -> tuple[mx.array, mx.array]:
-        """cos and sin [L, dims] (or [B, 1, L, dims] for per-row positions [B, L]), one per
-        forward: reused while the same positions array comes back."""
-        hit = self._last
-        if hit is not None and hit[0] is positions:
-            return hit[1], hit[2]
-        half = self.dims // 2
-        if self._freqs is not None:
-            inverse = 1.0 / self._freqs  # [half] radians per position
-        else:
-            inverse = mx.exp(-mx.arange(half, dtype=mx.float32) * (math.log(self.base) / half))
-        angles = positions.astype(mx.float32)[..., None] * self.scale * inverse  # [..., L, half]
-        cos, sin = mx.cos(angles), mx.sin(angles)
-        if self.traditional:  # pairs (2i, 2i+1): each angle twice, side by side
-            cos, sin = (mx.repeat(t, 2, axis=-1) for t in (cos, sin))
-        else:  # pairs (i, i + half): the angles, then again
-            cos, sin = (mx.concatenate([t, t], axis=-1) for t in (cos, sin))
-        if positions.ndim == 2:  # [B, L, dims] -> [B, 1, L, dims]: one table per row, every head
-            cos, sin = cos[:, None], sin[:, None]
-        self._last = (positions, cos, sin)
-        return cos, sin
-
-    def _partner(self, x: mx.array) -> mx.array:
-        """(-x_b, x_a) for every rotation pair (a, b) of x [..., dims]."""
-        if self.traditional:
-            pairs = x.reshape(*x.shape[:-1], self.dims // 2, 2)  # [..., dims] -> [..., dims/2, 2]
-            return mx.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-        half = self.dims // 2
-        return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-    def _rotate_by_table(self, queries, keys, positions):
-        cos, sin = self._table(positions)
-
-        def rotate(x: mx.array) -> mx.array:
-            head, rest = (x, None) if x.shape[-1] == self.dims else (x[..., :self.dims], x[..., self.dims:])
-            out = (head * cos + self._partner(head) * sin).astype(x.dtype)
-            return out if rest is None else mx.concatenate([out, rest], axis=-1)
-
-        return rotate(queries), rotate(keys)

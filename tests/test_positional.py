@@ -241,34 +241,3 @@ def test_learned_positions_of_left_padding_read_the_first_row_of_the_table():
 def test_bad_rope_options_are_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
         RoPE(**options)
-
-
-@pytest.mark.parametrize("traditional", [False, True])
-@pytest.mark.parametrize("dims, width, llama3, scale", [(16, 16, None, 1.0), (8, 16, None, 0.5),
-                                                         (16, 16, LLAMA3, 1.0)])
-def test_rope_on_the_cpu_equals_mx_fast_rope(traditional, dims, width, llama3, scale):
-    """On the CPU, RoPE rotates by one cos/sin table per forward (positional/rope.py); it must
-    be mx.fast.rope's rotation: partial dims, Llama 3 frequencies, per-row positions, float16."""
-    rope = RoPE(dims, 10000.0, traditional, scale, llama3=llama3)
-    rng = np.random.default_rng(3)
-    for positions in (mx.arange(5, 9), mx.arange(4000, 4004), mx.array([[0, 1, 2, 3], [9, 10, 11, 12]])):
-        for dtype, tol in ((mx.float32, 1e-6), (mx.float16, 4e-3)):
-            q = mx.array(rng.normal(size=(2, 4, 4, width)).astype(np.float32)).astype(dtype)
-            k = mx.array(rng.normal(size=(2, 2, 4, width)).astype(np.float32)).astype(dtype)
-            got = rope.rotate(q, k, positions)
-            want = (rope._apply(q, positions[..., 0]), rope._apply(k, positions[..., 0]))  # mx.fast.rope
-            for g, w in zip(got, want):
-                assert g.dtype == dtype and g.shape == w.shape
-                assert np.allclose(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32)), atol=tol)
-
-
-def test_rope_tables_follow_the_positions_array_they_were_made_for():
-    """The CPU path reuses its table while the same positions array comes back (every layer of
-    one forward); a new array, even of the same shape, gets its own rotation."""
-    rope = RoPE(16)
-    x = mx.array(np.random.default_rng(4).normal(size=(1, 2, 3, 16)).astype(np.float32))
-    for offset in (0, 7, 7, 100):
-        positions = mx.arange(offset, offset + 3)
-        got, _ = rope.rotate(x, x, positions)
-        want = numpy_rope(np.array(x, dtype=np.float64), np.arange(offset, offset + 3), 10000.0, False, 1.0)
-        assert np.allclose(np.array(got), want, atol=2e-5)
