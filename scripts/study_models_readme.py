@@ -27,16 +27,10 @@ def main(out: str) -> None:
                      f"{c['max_positions']:>4} {state['n_params']:>9,} {state['step']:>5} "
                      f"{last['train_loss']:>6.3f} {last['val_loss'] or float('nan'):>6.3f} {minutes:>7.1f}")
     lines += ["", "Loss curves: each folder's trainer_state.json ('history'); logs/ has the raw output.",
-              "The machine was shared (load average 15-28 on 2 cores) while these trained: 150-450 tokens/s.",
-              "Phase 1 ran 9 minutes each; phase 2 resumed every model to the same step count.",
-              "CAUTION: these models are barely trained (60 steps of 8 x 256 tokens, ~0.5 epoch), and",
-              "their losses differ mostly by their learning-rate paths (phase 1 gave each a different",
-              "number of steps before its time-based cosine ended, then phase 2 restarted the warmup),",
-              "not by their positional scheme or head layout. Use them for mechanics (caches, positions,",
-              "layouts on a trained model), not to rank the schemes. The draft (ts512-rope-draft, 68",
-              "steps, phase 1 only) shares the tokenizer with the others for speculative decoding.",
-              "<name>-s100: copies continued to 100 steps (scripts/continue_study_models.sh; a fresh",
-              "warmup + cosine over 100 steps from the 60-step weights); the originals are unchanged."]
+              "Schedule: every model the same --steps, warmup 50 and cosine to 3e-4 over those steps, the",
+              "same seeded batches (STEPS=N scripts/train_study_models.sh OUT 0 0); 'minutes' is wall",
+              "time on whatever machine ran them. The draft (ts512-rope-draft) shares the tokenizer",
+              "with the others for speculative decoding."]
     (root / "README.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
