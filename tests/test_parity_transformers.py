@@ -222,3 +222,28 @@ def test_qwen2_with_a_window_on_some_layers_is_refused_by_name(checkpoints, tmp_
     (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="sliding window on some layers only"):
         zoo.load_model(tmp_path)
+
+
+def test_gpt2_config_fields_mean_what_transformers_makes_of_them():
+    """Config conversion against transformers' own GPT2Config (gaps a model-path mutation sample
+    found): a config.json without `tie_word_embeddings` is tied, as GPT2Config's default is; a
+    non-default LayerNorm epsilon survives the export to config.json."""
+    require_module("transformers")
+    from transformers import GPT2Config
+
+    from zoo.families.gpt2 import config_from_hf, hf_config
+
+    minimal = {"vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}
+    assert config_from_hf(minimal).tie_embeddings == GPT2Config(**minimal).tie_word_embeddings
+    cfg = zoo.build("gpt2", preset="tiny", head_dim=16, norm_eps=1e-6).config
+    assert GPT2Config(**hf_config(cfg)).layer_norm_epsilon == 1e-6
+
+
+@pytest.mark.parametrize("factor", [0, -2.0, "2"])
+def test_linear_rope_scaling_needs_a_positive_factor(factor):
+    from zoo.families.llama import config_from_hf
+
+    hf = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "intermediate_size": 128, "rms_norm_eps": 1e-5, "rope_scaling": {"type": "linear", "factor": factor}}
+    with pytest.raises(ValueError, match="linear rope scaling needs a positive 'factor'"):
+        config_from_hf(hf)
