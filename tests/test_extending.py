@@ -200,3 +200,16 @@ def test_conformance_kit_in_one_call():
                             list(range(12)), chunks=[3, 9], decode=5)
     assert good.ok and good.greedy_agree == 5 and good.max_abs_diff <= 1e-4
     assert not bad.ok and bad.max_abs_diff > 1e-2
+
+
+@pytest.mark.parametrize("ragged", ["", None, 0, "yes".encode()])
+def test_a_ragged_declaration_must_be_true_false_or_a_reason(ragged):
+    """`ragged=` is True, False or the reason a cache refuses ragged batches: an empty reason
+    (which would reach the user as a blank refusal) or another type is refused at registration,
+    and nothing is registered."""
+    from caches.concat import ConcatCache
+
+    before = set(caches.available())
+    with pytest.raises(TypeError, match=r"ragged must be True, False or a reason \(str\)"):
+        caches.register("bad-ragged", reference=None, ragged=ragged)(type("Bad", (ConcatCache,), {}))
+    assert set(caches.available()) == before
