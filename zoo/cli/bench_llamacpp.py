@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
-from .bench import Side, kvzoo_side, mlx_lm_side, time_decode, time_prefill
+from .bench import Side, _first_dtype, kvzoo_side, mlx_lm_side, time_decode, time_prefill
 
 
 def find_llama_bench(given: Optional[str]) -> Path:
@@ -96,19 +96,13 @@ def bench_file(gguf: Path, binary: Path, *, prompt: int, tokens: int, rounds: in
                 mx.clear_cache()
         progress(f"{gguf.name} round {r + 1}/{rounds}")
     row: dict[str, Any] = {"file": str(gguf), "params": model.n_params, "prompt": prompt, "tokens": tokens,
-                           "rounds": rounds, "threads": threads, "kvzoo_dtype": str(_dtype(model)), "runs": runs}
+                           "rounds": rounds, "threads": threads, "kvzoo_dtype": str(_first_dtype(model)), "runs": runs}
     for stage, by_side in runs.items():
         medians = {name: statistics.median(values) for name, values in by_side.items()}
         row[stage] = medians
         row[stage + "_ratio"] = {name: medians[name] / medians["llama.cpp"]
                                  for name in medians if name != "llama.cpp"}
     return row
-
-
-def _dtype(model) -> mx.Dtype:
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(model.parameters())[0][1].dtype
 
 
 def written_files(folder: Path, *, quick: bool, file_types: list[str], seed: int = 0) -> list[Path]:
