@@ -69,18 +69,28 @@ def test_a_loaded_cache_continues_generation_bit_exactly(model, name, options, t
     assert check_save_load(model, name, options, tmp_path)  # every built-in cache can be saved
 
 
+def _saved_midway_continues(model, name, prompt, before, total, path, check_loaded):
+    """Generate `total` tokens with cache `name` in one go, and again saving the cache after
+    `before` of them and continuing from the loaded copy (first checked by `check_loaded(caches,
+    metadata)`): the same tokens and bit-identical log-probabilities."""
+    whole, whole_logprobs = generate(model, prompt, caches.make(name, model), total)
+    cache = caches.make(name, model)
+    first, _ = generate(model, prompt, cache, before)
+    caches.save(path, cache)
+    loaded, metadata = caches.load(path)
+    check_loaded(loaded, metadata)
+    rest, rest_logprobs = generate(model, [first[-1]], loaded, total - before)
+    assert first + rest == whole
+    assert mx.array_equal(rest_logprobs, whole_logprobs[before:]).item()
+
+
 def test_a_users_own_registered_cache_round_trips(model, tmp_path, registered):
     registered("user-newest-first", NewestFirstCache)
-    prompt = tokens_of(10)
-    whole, whole_logprobs = generate(model, prompt, caches.make("user-newest-first", model), 8)
-    cache = caches.make("user-newest-first", model)
-    first, _ = generate(model, prompt, cache, 3)
-    caches.save(tmp_path / "mine.safetensors", cache)
-    loaded, metadata = caches.load(tmp_path / "mine.safetensors")
-    assert metadata == {} and all(isinstance(c, NewestFirstCache) for c in loaded)
-    rest, rest_logprobs = generate(model, [first[-1]], loaded, 5)
-    assert first + rest == whole
-    assert mx.array_equal(rest_logprobs, whole_logprobs[3:]).item()
+
+    def check(loaded, metadata):
+        assert metadata == {} and all(isinstance(c, NewestFirstCache) for c in loaded)
+
+    _saved_midway_continues(model, "user-newest-first", tokens_of(10), 3, 8, tmp_path / "mine.safetensors", check)
 
 
 class OffsetOnlyCache(NewestFirstCache):
@@ -93,16 +103,11 @@ class OffsetOnlyCache(NewestFirstCache):
 
 def test_a_meta_state_of_only_the_offset_loads_and_continues(model, tmp_path, registered):
     registered("user-offset-only", OffsetOnlyCache)
-    prompt = tokens_of(9)
-    whole, whole_logprobs = generate(model, prompt, caches.make("user-offset-only", model), 7)
-    cache = caches.make("user-offset-only", model)
-    first, _ = generate(model, prompt, cache, 2)
-    caches.save(tmp_path / "offset.safetensors", cache)
-    loaded, _ = caches.load(tmp_path / "offset.safetensors")
-    assert [c.offset for c in loaded] == [10] * len(model.layers)
-    rest, rest_logprobs = generate(model, [first[-1]], loaded, 5)
-    assert first + rest == whole
-    assert mx.array_equal(rest_logprobs, whole_logprobs[2:]).item()
+
+    def check(loaded, metadata):
+        assert [c.offset for c in loaded] == [10] * len(model.layers)
+
+    _saved_midway_continues(model, "user-offset-only", tokens_of(9), 2, 7, tmp_path / "offset.safetensors", check)
 
 
 def test_saved_options_the_cache_does_not_take_are_a_clear_error(model, tmp_path):
