@@ -35,14 +35,6 @@ _EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
           1.6666665459e-1, 5.0000001201e-1)
 
 
-def _horner(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
-    """c[0] x^(n-1) + c[1] x^(n-2) + ... + c[n-1] (highest power first)."""
-    y = coefficients[0] * x + coefficients[1]
-    for c in coefficients[2:]:
-        y = y * x + c
-    return y
-
-
 def exp(x: mx.array) -> mx.array:
     """e^x for float32 x, elementwise (0 for x <= -87.7; inf for x > 88.37, which float32's top
     half-binade could still hold: the training kernels call it on x <= 0). Written shallow
